@@ -1,0 +1,142 @@
+"""The rollout record and the one path from prompts to rewarded samples (training and evaluation).
+
+A `Batch` holds G completions per prompt, contiguous, with the sampler's trajectory record. Full
+intermediate states are never stored: `state_at` rebuilds any of them from (tokens, unmask step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from harness.sampler import SamplerConfig, Trajectory, generate
+
+
+@dataclass
+class Batch:
+    """One rollout batch; every tensor field (and every tensor in `extra`) has the batch first.
+
+    | field           | shape, dtype | meaning                                                          |
+    |-----------------|--------------|------------------------------------------------------------------|
+    | prompt_ids      | [B, P] long  | chat-templated prompts, left-padded with the pad id              |
+    | prompt_mask     | [B, P] bool  | True on real prompt tokens                                       |
+    | completion      | [B, L] long  | sampled completions (the whole canvas, EOS-filled tail included) |
+    | unmask_step     | [B, L] long  | step at which each completion position was committed             |
+    | logp            | [B, L] float | behaviour log-prob of each committed token (sampler record)      |
+    | entropy         | [B, L] float | entropy of the sampling distribution when it was committed       |
+    | nfe             | [B] long     | forward passes the row needed (T_i)                              |
+    | completion_mask | [B, L] bool  | positions up to and including the first EOS (all if none)        |
+    | rewards         | [B] float    | task reward of each completion                                   |
+    | group           | [B] long     | index of the prompt a row belongs to (G contiguous rows each)    |
+    | extra           | dict         | what `prepare` computes: advantages, old/ref log-probs, seeds    |
+    | seed            | int          | a fresh seed per rollout batch for the method's own randomness   |
+    | iteration       | int          | inner iteration (0..mu-1) the loop is in when calling `loss`     |
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion: torch.Tensor
+    unmask_step: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    nfe: torch.Tensor
+    completion_mask: torch.Tensor
+    rewards: torch.Tensor
+    group: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
+    iteration: int = 0
+
+    def __len__(self) -> int:
+        return self.completion.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> Batch:
+        """The rows `index` of every tensor, `extra` included."""
+        tensors = {f.name: getattr(self, f.name)[index] for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tensors, extra={k: v[index] for k, v in self.extra.items()})
+
+    def micro_batches(self, size: int) -> list[Batch]:
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    def input_ids(self, completion: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt + completion ids, attention mask) for a forward pass; `completion` defaults to the final one."""
+        completion = self.completion if completion is None else completion
+        attention = torch.cat([self.prompt_mask.long(), torch.ones_like(completion)], dim=1)
+        return torch.cat([self.prompt_ids, completion], dim=1), attention
+
+
+def group_centered(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """A_i = r_i - mean of r over i's group (no division by the std: Dr. GRPO, as d1 and AGRPO do)."""
+    sums = torch.zeros(int(group.max()) + 1, device=rewards.device).index_add_(0, group, rewards)
+    sizes = torch.bincount(group).to(rewards.dtype)
+    return rewards - (sums / sizes)[group]
+
+
+def state_at(completion: torch.Tensor, unmask_step: torch.Tensor, t: int | torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The completion canvas just before step t (int, or one step per row): positions with step >= t masked."""
+    t = torch.as_tensor(t, device=completion.device).reshape(-1, 1)
+    return torch.where(unmask_step >= t, torch.full_like(completion, mask_id), completion)
+
+
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """True up to and including the first EOS of each row; all True if a row has none (d1 §1.2)."""
+    is_eos = completion == eos_id
+    return (is_eos.long().cumsum(1) - is_eos.long()) == 0
+
+
+def encode_prompts(tokenizer, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the chat template to each user turn and left-pad: (ids [B, P], mask [B, P] bool)."""
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for t in texts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = True
+    return ids.to(device), mask.to(device)
+
+
+def decode(tokenizer, completion: torch.Tensor) -> list[str]:
+    """Completion text up to the first EOS, special tokens skipped (what rewards and metrics see)."""
+    keep = completion_mask(completion, tokenizer.eos_token_id) & (completion != tokenizer.eos_token_id)
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(completion, keep)]
+
+
+def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, group_size: int,
+            generator: torch.Generator | None = None, sample=None) -> tuple[Batch, list[str]]:
+    """Sample `group_size` completions per example and reward them with the task's reward.
+
+    `sample(model, prompt_ids, prompt_mask, cfg, generator) -> Trajectory` replaces the shared sampler only
+    for a method that declares a training-time decoding override; evaluation never passes one.
+    """
+    repeated = [e for e in examples for _ in range(group_size)]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [task.prompt(e) for e in repeated], model.device)
+    traj: Trajectory = (sample or generate)(model, prompt_ids, prompt_mask, cfg, generator)
+    texts = decode(tokenizer, traj.completion)
+    rewards = torch.tensor([task.reward(t, e) for t, e in zip(texts, repeated)], dtype=torch.float32)
+    batch = Batch(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion=traj.completion,
+        unmask_step=traj.unmask_step, logp=traj.logp, entropy=traj.entropy, nfe=traj.nfe,
+        completion_mask=completion_mask(traj.completion, tokenizer.eos_token_id),
+        rewards=rewards.to(prompt_ids.device),
+        group=torch.arange(len(examples), device=prompt_ids.device).repeat_interleave(group_size),
+    )
+    return batch, texts
+
+
+def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, batch_size: int = 64) -> dict[str, float]:
+    """Greedy evaluation with the shared sampler: mean reward, accuracy (reward == 1) and mean NFE."""
+    cfg = replace(cfg, temperature=0.0)
+    rewards, nfe = [], []
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        batch, _ = rollout(model, tokenizer, task, examples[i:i + batch_size], cfg, group_size=1)
+        rewards.append(batch.rewards)
+        nfe.append(batch.nfe.float())
+    model.train(was_training)
+    rewards, nfe = torch.cat(rewards), torch.cat(nfe)
+    return {"reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(), "nfe": nfe.mean().item()}

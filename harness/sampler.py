@@ -1,0 +1,172 @@
+"""The one sampler: LLaDA semi-autoregressive block decoding, for rollouts and evaluation alike.
+
+The completion canvas starts fully masked and is split into blocks decoded left to right; a position may
+be committed only while its block is the row's current block (the first block that still has masks).
+Committed tokens never change. Each step runs one forward pass (one NFE) and commits
+
+  decoding="steps"      k_s tokens, the quota of LLaDA's linear schedule: a block of m masks gets S =
+                        steps / n_blocks steps and k_s = m // S + [s < m % S] (LLaDA `generate.py`,
+                        `get_num_transfer_tokens`), chosen by the remasking score:
+                          low_confidence  softmax(logits)[x_hat] (untempered, as LLaDA and d1)
+                          random          U(0, 1): positions chosen independently of the model (AGRPO)
+                          entropy         -H of the sampling distribution
+  decoding="threshold"  every eligible token whose confidence is >= `threshold`, at least the most
+                        confident one (Fast-dLLM's confidence-aware parallel decoding)
+  decoding="eb"         the longest prefix, in ascending entropy, whose entropies sum, minus the largest,
+                        to <= `eb_gamma` (the entropy-bounded sampler, Ben-Hamu et al. 2025), at least one
+
+Candidate tokens are drawn by Gumbel-max at `temperature` from a local `torch.Generator` (argmax at 0). For
+every completion position the record keeps the step at which it was committed, the log-probability of the
+committed token and the entropy under the sampling distribution softmax(logits / temperature) (plain
+softmax at temperature 0) at that moment. Any intermediate state is recoverable from (tokens, unmask step):
+the state before step t masks exactly the positions with unmask_step >= t (`harness.rollout.state_at`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from harness.model import log_policy, token_logits
+
+REMASKING = ("low_confidence", "random", "entropy")
+DECODING = ("steps", "threshold", "eb")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    gen_length: int | None = None
+    """completion canvas length L; None = the task's GEN_LENGTH"""
+    block_length: int | None = None
+    """semi-autoregressive block length B (L % B == 0); None = the task's BLOCK_LENGTH"""
+    steps: int | None = None
+    """total denoising steps N for decoding="steps" (a multiple of L/B); None = the task's STEPS"""
+    temperature: float = 0.0
+    """Gumbel-max temperature of candidate tokens; 0 = greedy"""
+    remasking: str = "low_confidence"
+    """which k_s positions a "steps" step commits: low_confidence | random | entropy"""
+    decoding: str = "steps"
+    """steps (fixed quota) | threshold (confidence >= threshold) | eb (entropy-bounded)"""
+    threshold: float = 0.9
+    """confidence threshold for decoding="threshold" (Fast-dLLM default 0.9)"""
+    eb_gamma: float = 0.1
+    """entropy budget gamma for decoding="eb"; 0 = one token per step, inf = one step per block"""
+
+    def resolve(self, task) -> SamplerConfig:
+        """Fill unset lengths from the task module and check that they fit together."""
+        cfg = replace(
+            self,
+            gen_length=self.gen_length or task.GEN_LENGTH,
+            block_length=self.block_length or task.BLOCK_LENGTH,
+            steps=self.steps or task.STEPS,
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        L, B, N = self.gen_length, self.block_length, self.steps
+        if self.remasking not in REMASKING:
+            raise ValueError(f"sampler.remasking={self.remasking!r}; choose one of {', '.join(REMASKING)}")
+        if self.decoding not in DECODING:
+            raise ValueError(f"sampler.decoding={self.decoding!r}; choose one of {', '.join(DECODING)}")
+        if L is None or B is None or N is None or min(L, B, N) <= 0:
+            raise ValueError(f"sampler lengths must be positive integers, got gen_length={L}, block_length={B}, steps={N}")
+        if L % B:
+            raise ValueError(f"sampler.gen_length={L} is not divisible by sampler.block_length={B}; "
+                             f"choose a block length that divides {L}")
+        if self.decoding == "steps" and (N % (L // B) or N // (L // B) > B):
+            raise ValueError(f"sampler.steps={N} must be a multiple of the {L // B} blocks and at most "
+                             f"gen_length={L} (1 to {B} steps per block)")
+        if self.temperature < 0:
+            raise ValueError(f"sampler.temperature={self.temperature} must be >= 0")
+
+
+@dataclass
+class Trajectory:
+    """What one call of `generate` returns; every tensor has the batch as its first dimension."""
+
+    completion: torch.Tensor  # [B, L] long   final tokens
+    unmask_step: torch.Tensor  # [B, L] long  step at which each position was committed (0-based)
+    logp: torch.Tensor  # [B, L] float        log-prob of the committed token under the sampling distribution
+    entropy: torch.Tensor  # [B, L] float     entropy of the sampling distribution at commit time
+    nfe: torch.Tensor  # [B] long             forward passes that committed something in this row (= T_i)
+    forward_passes: int  #                    batched forward passes run
+
+
+def step_quotas(block_length: int, steps_per_block: int) -> list[int]:
+    """k_s for s = 0..S-1: the linear schedule's tokens per step, summing to the block length."""
+    base, extra = divmod(block_length, steps_per_block)
+    return [base + (s < extra) for s in range(steps_per_block)]
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplerConfig,
+             generator: torch.Generator | None = None, on_step=None) -> Trajectory:
+    """Sample completions for left-padded prompts [B, P] (`prompt_mask` is 1 on real tokens).
+
+    `on_step(t, x)` is called before each step with the full canvas, for tests and visualisation.
+    """
+    cfg.validate()
+    B, P = prompt_ids.shape
+    L, dev = cfg.gen_length, prompt_ids.device
+    mask_id = model.config.mask_token_id
+    x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=dev)], dim=1)
+    attention = torch.cat([prompt_mask.long(), torch.ones(B, L, dtype=torch.long, device=dev)], dim=1)
+    unmask_step = torch.full((B, L), -1, dtype=torch.long, device=dev)
+    logp, entropy = torch.zeros(B, L, device=dev), torch.zeros(B, L, device=dev)
+    nfe = torch.zeros(B, dtype=torch.long, device=dev)
+    block_of = torch.arange(L, device=dev) // cfg.block_length
+    # "steps": the quota depends only on how many of the block's tokens are already committed.
+    quotas = step_quotas(cfg.block_length, cfg.steps // (L // cfg.block_length)) if cfg.decoding == "steps" else []
+    quota_by_done = torch.zeros(cfg.block_length + 1, dtype=torch.long, device=dev)
+    for s, k in enumerate(quotas):
+        quota_by_done[sum(quotas[:s])] = k
+
+    step = 0
+    while (masked := unmask_step < 0).any():
+        if on_step is not None:
+            on_step(step, x.clone())
+        current = torch.where(masked, block_of, L).min(dim=1).values  # [B]; L for finished rows
+        eligible = masked & (block_of[None, :] == current[:, None])
+        logits = token_logits(model, x, attention, start=P)  # [B, L, V]
+        if cfg.temperature > 0:
+            u = torch.rand(logits.shape, generator=generator, device=dev).clamp_(min=1e-20)
+            candidate = (logits / cfg.temperature - torch.log(-torch.log(u))).argmax(-1)
+        else:
+            candidate = logits.argmax(-1)
+        log_q = log_policy(logits, cfg.temperature)
+        token_logp = log_q.gather(-1, candidate[..., None]).squeeze(-1)
+        token_entropy = torch.special.entr(log_q.exp()).sum(-1)
+        confidence = torch.softmax(logits, dim=-1).gather(-1, candidate[..., None]).squeeze(-1)
+
+        if cfg.decoding == "steps":
+            score = {"low_confidence": confidence, "entropy": -token_entropy,
+                     "random": torch.rand(B, L, generator=generator, device=dev)}[cfg.remasking]
+            done_in_block = cfg.block_length - eligible.sum(1)
+            count = quota_by_done[done_in_block]
+        elif cfg.decoding == "threshold":
+            score = confidence
+            count = ((confidence >= cfg.threshold) & eligible).sum(1).clamp(min=1)
+        else:  # eb: sorted ascending by entropy, keep k while the entropies before the k-th sum to <= gamma
+            score = -token_entropy
+            sorted_h = torch.where(eligible, token_entropy, torch.inf).sort(dim=1, stable=True).values
+            before = torch.cumsum(sorted_h, dim=1) - sorted_h
+            count = ((before <= cfg.eb_gamma) & torch.isfinite(sorted_h)).sum(1).clamp(min=1)
+        rank = _rank(torch.where(eligible, score, -torch.inf))
+        commit = eligible & (rank < count[:, None])
+
+        x[:, P:] = torch.where(commit, candidate, x[:, P:])
+        unmask_step[commit] = step
+        logp[commit], entropy[commit] = token_logp[commit], token_entropy[commit]
+        nfe += masked.any(1).long()
+        step += 1
+    return Trajectory(x[:, P:], unmask_step, logp, entropy, nfe, step)
+
+
+def _rank(score: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry within its row, 0 = highest score; ties broken by position (stable)."""
+    order = score.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
+    return rank

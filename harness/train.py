@@ -1,0 +1,237 @@
+"""The single RL loop every method runs on.
+
+    for step in 1..steps:
+        prompts  <- the task's train split, in the seed's fixed order           HARNESS: same data for all
+        rollout  <- sampler (or the method's declared `sample` override)        HARNESS / ALGORITHM seam
+        rewards  <- the task's reward function (= its evaluation metric)        HARNESS
+        batch    <- algo.prepare(policy, ref, batch, cfg)   (no grad)           ALGORITHM seam
+        for it in 0..mu-1:                                  (one optimizer step each)
+            for micro-batch in batch:  loss <- algo.loss(policy, mb, cfg); backward    ALGORITHM seam
+            clip grad norm; optimizer step
+        algo.after_step(policy, ref, step, cfg)                                  ALGORITHM seam
+        metrics.jsonl row; test evaluation every `eval_every` steps; checkpoint every `save_every` steps
+
+Micro-batch losses are summed, not averaged: each method returns its micro-batch's share of the batch
+loss, so any split of a batch gives the same gradient. A run resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+import algorithms
+import benchmarks
+from harness import runs
+from harness.model import load
+from harness.rollout import evaluate, rollout
+from harness.sampler import SamplerConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algo: str = "d1"
+    """method: a module name in algorithms/"""
+    task: str = "arithmetic"
+    """task: a module name in benchmarks/"""
+    model: str = "results/base"
+    """policy initialisation: a local model folder or a hub id; the reference is a frozen copy of it"""
+    profile: str = "default"
+    """profile name, a results path component"""
+    out: str = ""
+    """run folder; empty = results/runs/{profile}/{task}/{algo}/seed{seed}"""
+    seed: int = 0
+    """seed of data order, rollouts and every method's randomness"""
+    steps: int = 60
+    """RL steps (rollout batches)"""
+    prompts_per_step: int = 8
+    """distinct prompts per rollout batch"""
+    group_size: int = 8
+    """completions per prompt G"""
+    micro_batch_size: int = 16
+    """sequences per forward/backward pass (gradient accumulation over the batch)"""
+    lr: float = 5e-5
+    """AdamW learning rate, constant (d1 train.yaml: constant_with_warmup, warmup ratio 1e-4)"""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas (d1 train.yaml)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (d1 train.yaml)"""
+    max_grad_norm: float = 0.2
+    """gradient clipping norm (d1 train.yaml)"""
+    eval_every: int = 20
+    """evaluate on the test split every this many steps (and at steps 0 and the last)"""
+    eval_limit: int = 256
+    """test items per evaluation"""
+    save_every: int = 20
+    """checkpoint every this many steps (and at the last)"""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default"""
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=0.9))
+    """rollout sampler (d1 train.yaml: temperature 0.9, low-confidence remasking); lengths default to the task's"""
+    eval_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """evaluation sampler, shared by every method (greedy)"""
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"results/runs/{self.profile}/{self.task}/{self.algo}/seed{self.seed}")
+
+
+class ForwardCounter:
+    """Counts forward passes (batched calls) and sequence-forwards (rows) of the models it is attached to."""
+
+    def __init__(self, *models):
+        self.calls, self.rows = Counter(), Counter()
+        self.phase = "rollout"
+        for model in models:
+            model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.calls[self.phase] += 1
+        self.rows[self.phase] += ids.shape[0]
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            **{k: g.get_state() for k, g in generators.items()}}
+
+
+def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    for k, g in generators.items():
+        g.set_state(state[k])
+
+
+def _without_steps(resolved: dict) -> dict:
+    """The resolved config minus the step budget: a run may be resumed with a larger --steps."""
+    resolved = runs.jsonable(resolved)
+    resolved["train"].pop("steps")
+    return resolved
+
+
+def train(cfg: TrainConfig, algo_cfg=None) -> Path:
+    """Run (or resume) one training run and return its folder."""
+    algo, task = algorithms.get(cfg.algo), benchmarks.get(cfg.task)
+    algo_cfg = algo_cfg or algo.Config()
+    sampler_cfg, eval_cfg = cfg.sampler.resolve(task), cfg.eval_sampler.resolve(task)
+    mu = getattr(algo_cfg, "num_iterations", 1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run, ckpt = cfg.run_dir(), cfg.run_dir() / "checkpoint"
+    resolved = {"train": dataclasses.asdict(cfg), "algo": dataclasses.asdict(algo_cfg),
+                "sampler": dataclasses.asdict(sampler_cfg), "eval_sampler": dataclasses.asdict(eval_cfg)}
+    state = runs.load_state(ckpt)
+    if state is not None and _without_steps(runs.read_json(run / "config.json")) != _without_steps(resolved):
+        raise ValueError(f"{run} holds a checkpoint of a different configuration (only --steps may change on "
+                         f"resume); delete the folder or pick another --out to start a new run")
+
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = load(ckpt / "model" if state else cfg.model)
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # on resume its saved state is loaded below
+    accelerator = Accelerator()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    ref.to(accelerator.device)
+    counter = ForwardCounter(policy, ref)
+
+    train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]
+    order = np.random.default_rng(cfg.seed).permutation(len(train_set))
+    generators = {"rollout": torch.Generator().manual_seed(cfg.seed), "batch_seed": torch.Generator().manual_seed(cfg.seed + 1)}
+    sample = partial(algo.sample, ref=ref, cfg=algo_cfg) if hasattr(algo, "sample") else None
+    prepare = getattr(algo, "prepare", lambda policy, ref, batch, cfg: batch)
+
+    start = 0
+    runs.write_json(run / "config.json", resolved)
+    if state is None:
+        runs.write_json(run / "provenance.json", runs.provenance())
+        runs.write_text(run / "metrics.jsonl", "")
+    else:
+        start = state["step"]
+        optimizer.load_state_dict(state["optimizer"])
+        ref.load_state_dict(state["ref"])
+        _set_rng_state(state["rng"], generators)
+        runs.write_text(run / "metrics.jsonl", "".join(
+            runs.dumps(r) + "\n" for r in runs.read_metrics(run / "metrics.jsonl") if r["step"] <= start))
+
+    def evaluate_now(step: int) -> dict:
+        counter.phase = "eval"
+        return {f"eval/{k}": v for k, v in evaluate(policy, tokenizer, task, test_set, eval_cfg).items()}
+
+    if start == 0:
+        runs.append_metrics(run / "metrics.jsonl", {"step": 0, **evaluate_now(0)})
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.task}/seed{cfg.seed}", unit="step",
+               initial=start, total=cfg.steps, dynamic_ncols=True)
+    for step in bar:
+        t0, calls0, rows0 = time.perf_counter(), counter.calls.copy(), counter.rows.copy()
+        # HARNESS: the same prompts, sampler and reward for every method.
+        first = (step - 1) * cfg.prompts_per_step
+        picks = [train_set[order[(first + j) % len(order)]] for j in range(cfg.prompts_per_step)]
+        counter.phase = "rollout"
+        policy.eval()
+        batch, _ = rollout(policy, tokenizer, task, picks, sampler_cfg, cfg.group_size, generators["rollout"], sample)
+        batch.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generators["batch_seed"]))
+        t1 = time.perf_counter()
+        # ALGORITHM: frozen quantities of this rollout batch (advantages, old/ref likelihoods, seeds).
+        counter.phase = "scoring"
+        with torch.no_grad():
+            batch = prepare(policy, ref, batch, algo_cfg)
+        t2 = time.perf_counter()
+        # ALGORITHM: mu optimizer steps on this batch, each summing the method's micro-batch losses.
+        counter.phase = "training"
+        policy.train()
+        losses, method_metrics, grad_norms = [], [], []
+        for it in range(mu):
+            batch.iteration = it
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for mb in batch.micro_batches(cfg.micro_batch_size):
+                loss, metrics = algo.loss(policy, mb, algo_cfg)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss.item()}) at step {step}, inner iteration {it}; the last good "
+                        f"checkpoint is {ckpt if ckpt.exists() else 'none (no checkpoint yet)'}")
+                accelerator.backward(loss)
+                total += loss.item()
+                method_metrics.append(metrics)
+            grad_norms.append(float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)))
+            optimizer.step()
+            losses.append(total)
+        # ALGORITHM: optional update of the reference/rollout model (e.g. LFPO's EMA).
+        if hasattr(algo, "after_step"):
+            algo.after_step(accelerator.unwrap_model(policy), ref, step, algo_cfg)
+        t3 = time.perf_counter()
+
+        row = {
+            "step": step, "reward/mean": batch.rewards.mean().item(), "reward/std": batch.rewards.std().item(),
+            "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+            "rollout/nfe": batch.nfe.float().mean().item(),
+            **{f"algo/{k}": float(np.mean([m[k] for m in method_metrics])) for k in method_metrics[0]},
+            **{f"forward/{p}": counter.calls[p] - calls0[p] for p in ("rollout", "scoring", "training")},
+            **{f"sequences/{p}": counter.rows[p] - rows0[p] for p in ("rollout", "scoring", "training")},
+            "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
+            "time/step": t3 - t0, "tokens_per_s": batch.completion.numel() / (t1 - t0),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row.update(evaluate_now(step))
+        runs.append_metrics(run / "metrics.jsonl", row)
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}",
+                        **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
+                "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
+                "rng": _rng_state(generators)})
+    return run

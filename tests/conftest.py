@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random masked-diffusion model and tokenizer built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import benchmarks
+from harness import runs
+from harness.pretrain import build_tokenizer
+from harness.tiny import TinyMDLM, TinyMDLMConfig
+
+torch.set_num_threads(1)
+
+
+def make_model(tokenizer, seed: int = 0, **overrides) -> TinyMDLM:
+    torch.manual_seed(seed)
+    config = TinyMDLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, mask_token_id=tokenizer.mask_token_id,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
+    # a larger init than the default so that random logits are far from uniform (distinct confidences)
+    model = TinyMDLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    corpus = [t.prompt(e) + t.target(e) for t in benchmarks.TASKS.values() for e in t.load("test")[:200]]
+    return build_tokenizer(corpus, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    return make_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tokenizer, tmp_path_factory):
+    """A saved tiny random model folder, as `python -m harness pretrain` writes one."""
+    folder = tmp_path_factory.mktemp("base") / "model"
+    runs.save_model(make_model(tokenizer), tokenizer, folder)
+    return folder
+
+
+def make_batch(model, tokenizer, prompts: int = 2, group: int = 4, seed: int = 0, task: str = "arithmetic"):
+    """A real rollout batch of the random tiny model, with rewards replaced by distinct seeded values."""
+    from harness.rollout import rollout
+    from harness.sampler import SamplerConfig
+
+    t = benchmarks.get(task)
+    cfg = SamplerConfig(temperature=1.0).resolve(t)
+    batch, _ = rollout(model, tokenizer, t, t.load("test")[:prompts], cfg, group, torch.Generator().manual_seed(seed))
+    batch.rewards = torch.rand(len(batch), generator=torch.Generator().manual_seed(seed + 1))
+    batch.seed = seed
+    return batch
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory):
+    """A weak base from the real pretrain entry point (a few SFT steps): sudoku rewards are partial and varied."""
+    from harness.pretrain import PretrainConfig, pretrain
+
+    folder = tmp_path_factory.mktemp("pretrained") / "base"
+    report = pretrain(PretrainConfig(out=str(folder), tasks="sudoku", steps=30, batch_size=32, hidden_size=32,
+                                     layers=2, heads=2, eval_limit=16))
+    assert 0 < report["test"]["sudoku"]["reward"] < 1
+    return folder

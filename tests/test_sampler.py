@@ -1,0 +1,136 @@
+"""Sampler properties (d1 spec §1.7 item 9; AGRPO spec §1.7 items 1-2; DiFFPO spec §2.7 item 10)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import benchmarks
+from harness.likelihood import step_logp
+from harness.model import token_logits
+from harness.rollout import encode_prompts, state_at
+from harness.sampler import SamplerConfig, generate, step_quotas
+
+CFG = SamplerConfig(gen_length=8, block_length=4, steps=4, temperature=1.0)
+
+
+def prompts(tokenizer, n=6):
+    task = benchmarks.get("arithmetic")
+    return encode_prompts(tokenizer, [task.prompt(e) for e in task.load("test")[:n]])
+
+
+def run(model, tokenizer, cfg, seed=0):
+    ids, mask = prompts(tokenizer)
+    states = []
+    traj = generate(model, ids, mask, cfg, torch.Generator().manual_seed(seed), on_step=lambda t, x: states.append(x))
+    return ids, mask, traj, states
+
+
+def test_quotas_follow_the_linear_schedule():
+    assert step_quotas(32, 16) == [2] * 16
+    assert step_quotas(5, 3) == [2, 2, 1]
+    assert sum(step_quotas(7, 4)) == 7
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "entropy"])
+def test_fixed_steps_invariants(model, tokenizer, remasking):
+    cfg = replace(CFG, remasking=remasking)
+    ids, mask, traj, states = run(model, tokenizer, cfg)
+    P, mask_id = ids.shape[1], model.config.mask_token_id
+    assert traj.forward_passes == cfg.steps and (traj.nfe == cfg.steps).all()
+    quotas = step_quotas(cfg.block_length, cfg.steps // (cfg.gen_length // cfg.block_length))
+    block_of = torch.arange(cfg.gen_length) // cfg.block_length
+    for t in range(cfg.steps):
+        committed = traj.unmask_step == t
+        assert (committed.sum(1) == quotas[t % len(quotas)]).all()  # k_s tokens per step
+        assert (block_of[committed.nonzero()[:, 1]] == t // len(quotas)).all()  # only inside the current block
+    assert (traj.completion != mask_id).all()
+    for t, x in enumerate(states):
+        assert torch.equal(x[:, :P], ids)  # the prompt never changes
+        assert torch.equal(x[:, P:], state_at(traj.completion, traj.unmask_step, t, mask_id))  # recorded = rebuilt
+        if t:  # committed tokens never change afterwards
+            before = states[t - 1][:, P:] != mask_id
+            assert torch.equal(x[:, P:][before], states[t - 1][:, P:][before])
+
+
+def test_temperature_zero_is_deterministic_and_seeds_matter(model, tokenizer):
+    greedy = replace(CFG, temperature=0.0)
+    a, b = run(model, tokenizer, greedy, seed=1)[2], run(model, tokenizer, greedy, seed=2)[2]
+    assert torch.equal(a.completion, b.completion) and torch.equal(a.unmask_step, b.unmask_step)
+    c, d = run(model, tokenizer, CFG, seed=1)[2], run(model, tokenizer, CFG, seed=1)[2]
+    assert torch.equal(c.completion, d.completion)
+    assert not torch.equal(c.completion, run(model, tokenizer, CFG, seed=2)[2].completion)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_replayed_logp_equals_recorded(model, tokenizer, temperature):
+    cfg = replace(CFG, temperature=temperature, remasking="random")
+    ids, mask, traj, _ = run(model, tokenizer, cfg)
+    for t in range(cfg.steps):
+        replay = step_logp(model, ids, mask, traj.completion, traj.unmask_step, t, temperature)
+        at_t = traj.unmask_step == t
+        torch.testing.assert_close(replay[at_t], traj.logp[at_t], rtol=0, atol=1e-5)
+
+
+def test_gumbel_max_frequencies_match_softmax(model, tokenizer):
+    """One masked position, 4000 draws: the sampled token frequencies match softmax(logits / T)."""
+    ids, mask = prompts(tokenizer, n=1)
+    n, cfg = 4000, SamplerConfig(gen_length=1, block_length=1, steps=1, temperature=1.5)
+    traj = generate(model, ids.repeat(n, 1), mask.repeat(n, 1), cfg, torch.Generator().manual_seed(0))
+    x = torch.cat([ids, torch.full((1, 1), model.config.mask_token_id)], 1)
+    attn = torch.cat([mask.long(), torch.ones(1, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        p = torch.softmax(token_logits(model, x, attn, start=ids.shape[1])[0, 0] / cfg.temperature, -1)
+    likely = p > 5 / n  # pool rare tokens so that expected counts are large enough
+    observed = torch.bincount(traj.completion[:, 0], minlength=len(p)).double()
+    obs = torch.cat([observed[likely], observed[~likely].sum()[None]])
+    exp = torch.cat([p[likely], p[~likely].sum()[None]]).double() * n
+    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+
+
+def test_eb_gamma_zero_one_token_per_step_and_inf_one_step_per_block(model, tokenizer):
+    eb = replace(CFG, decoding="eb", eb_gamma=0.0)
+    ids, mask, traj, _ = run(model, tokenizer, eb)
+    assert (traj.entropy > 0).all()  # so gamma = 0 must commit exactly one token per step
+    assert (traj.nfe == eb.gen_length).all()
+    traj = run(model, tokenizer, replace(eb, eb_gamma=float("inf")))[2]
+    assert (traj.nfe == eb.gen_length // eb.block_length).all()
+
+
+def test_eb_commits_the_longest_feasible_entropy_prefix(model, tokenizer):
+    gamma = 1.5
+    ids, mask, traj, states = run(model, tokenizer, replace(CFG, decoding="eb", eb_gamma=gamma))
+    mask_id = model.config.mask_token_id
+    for t, x in enumerate(states):
+        masked = x[:, ids.shape[1]:] == mask_id
+        with torch.no_grad():
+            logits = token_logits(model, x, torch.cat([mask.long(), torch.ones_like(masked, dtype=torch.long)], 1),
+                              start=ids.shape[1])
+        entropy = torch.special.entr(torch.softmax(logits / CFG.temperature, -1)).sum(-1)
+        for i in range(len(x)):
+            if not masked[i].any():
+                continue
+            block = masked[i].nonzero()[0, 0] // CFG.block_length
+            eligible = masked[i] & (torch.arange(CFG.gen_length) // CFG.block_length == block)
+            h = entropy[i][eligible].sort().values
+            chosen = int((traj.unmask_step[i] == t).sum())
+            assert chosen >= 1 and (traj.unmask_step[i][~eligible & masked[i]] != t).all()
+            assert chosen == 1 or h[: chosen - 1].sum() <= gamma + 1e-5  # the bound holds
+            assert chosen == len(h) or h[:chosen].sum() > gamma - 1e-5  # adding the next token breaks it
+
+
+def test_threshold_decoding_commits_confident_tokens(model, tokenizer):
+    low = run(model, tokenizer, replace(CFG, decoding="threshold", threshold=0.0, temperature=0.0))[2]
+    assert (low.nfe == CFG.gen_length // CFG.block_length).all()  # everything is confident enough
+    high = run(model, tokenizer, replace(CFG, decoding="threshold", threshold=1.01, temperature=0.0))[2]
+    assert (high.nfe == CFG.gen_length).all()  # nothing is: one token per step
+
+
+def test_bad_lengths_name_the_value_and_the_fix():
+    with pytest.raises(ValueError, match="gen_length=10 is not divisible by sampler.block_length=4"):
+        SamplerConfig(gen_length=10, block_length=4, steps=5).validate()
+    with pytest.raises(ValueError, match="steps=3 must be a multiple of the 2 blocks"):
+        SamplerConfig(gen_length=8, block_length=4, steps=3).validate()
