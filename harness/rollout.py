@@ -123,6 +123,7 @@ def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, gr
         completion_mask=completion_mask(traj.completion, tokenizer.eos_token_id),
         rewards=rewards.to(prompt_ids.device),
         group=torch.arange(len(examples), device=prompt_ids.device).repeat_interleave(group_size),
+        extra=dict(traj.extra),
     )
     return batch, texts
 

@@ -24,7 +24,7 @@ the state before step t masks exactly the positions with unmask_step >= t (`harn
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -92,6 +92,7 @@ class Trajectory:
     entropy: torch.Tensor  # [B, L] float     entropy of the sampling distribution at commit time
     nfe: torch.Tensor  # [B] long             forward passes that committed something in this row (= T_i)
     forward_passes: int  #                    batched forward passes run
+    extra: dict = field(default_factory=dict)  # per-row tensors a method's `sample` adds; copied to Batch.extra
 
 
 def step_quotas(block_length: int, steps_per_block: int) -> list[int]:
@@ -102,10 +103,11 @@ def step_quotas(block_length: int, steps_per_block: int) -> list[int]:
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplerConfig,
-             generator: torch.Generator | None = None, on_step=None) -> Trajectory:
+             generator: torch.Generator | None = None, on_step=None, eb_gamma: torch.Tensor | None = None) -> Trajectory:
     """Sample completions for left-padded prompts [B, P] (`prompt_mask` is 1 on real tokens).
 
     `on_step(t, x)` is called before each step with the full canvas, for tests and visualisation.
+    `eb_gamma` [B] replaces `cfg.eb_gamma` with one budget per row (a learned, prompt-conditioned threshold).
     """
     cfg.validate()
     B, P = prompt_ids.shape
@@ -152,7 +154,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sa
             score = -token_entropy
             sorted_h = torch.where(eligible, token_entropy, torch.inf).sort(dim=1, stable=True).values
             before = torch.cumsum(sorted_h, dim=1) - sorted_h
-            count = ((before <= cfg.eb_gamma) & torch.isfinite(sorted_h)).sum(1).clamp(min=1)
+            gamma = torch.as_tensor(cfg.eb_gamma if eb_gamma is None else eb_gamma, device=dev).reshape(-1, 1)
+            count = ((before <= gamma) & torch.isfinite(sorted_h)).sum(1).clamp(min=1)
         rank = _rank(torch.where(eligible, score, -torch.inf))
         commit = eligible & (rank < count[:, None])
 

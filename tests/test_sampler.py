@@ -134,3 +134,10 @@ def test_bad_lengths_name_the_value_and_the_fix():
         SamplerConfig(gen_length=10, block_length=4, steps=5).validate()
     with pytest.raises(ValueError, match="steps=3 must be a multiple of the 2 blocks"):
         SamplerConfig(gen_length=8, block_length=4, steps=3).validate()
+
+
+def test_per_row_eb_gamma_overrides_the_config(model, tokenizer):
+    ids, mask = prompts(tokenizer, 2)
+    cfg = replace(CFG, decoding="eb", eb_gamma=0.0)
+    traj = generate(model, ids, mask, cfg, torch.Generator().manual_seed(0), eb_gamma=torch.tensor([0.0, float("inf")]))
+    assert traj.nfe.tolist() == [cfg.gen_length, cfg.gen_length // cfg.block_length]
