@@ -1,8 +1,9 @@
 """Multi-digit addition with an exact-answer reward.
 
-Prompt `a+b=` with a, b uniform in [0, 99]; the completion is the decimal sum. Reward 1 if the completion,
-stripped of whitespace, is exactly the sum, else 0. The splits are drawn once from fixed seeds; test
-problems never occur in train.
+Prompt `aa+bb=` with a, b uniform in [0, 99] written with two digits; the completion is the sum written
+with three digits (`07+25=` -> `032`). Fixed widths keep every digit at a fixed position, which a tiny
+bidirectional model needs to learn carries in minutes. Reward 1 if the completion, stripped of whitespace,
+is exactly the sum, else 0. The splits are drawn once from fixed seeds; test problems never occur in train.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def _problems(seed: int, n: int, exclude: set = frozenset()) -> list[dict]:
         a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
         if (a, b) not in seen:
             seen.add((a, b))
-            out.append({"a": a, "b": b, "answer": str(a + b)})
+            out.append({"a": a, "b": b, "answer": f"{a + b:03d}"})
     return out
 
 
@@ -36,7 +37,7 @@ def load(split: str) -> list[dict]:
 
 
 def prompt(example: dict) -> str:
-    return f"{example['a']}+{example['b']}="
+    return f"{example['a']:02d}+{example['b']:02d}="
 
 
 def target(example: dict) -> str:

@@ -63,7 +63,7 @@ def trained_dir(tmp_path_factory):
     from harness.pretrain import PretrainConfig, pretrain
 
     folder = tmp_path_factory.mktemp("pretrained") / "base"
-    report = pretrain(PretrainConfig(out=str(folder), tasks="sudoku", steps=30, batch_size=32, hidden_size=32,
+    report = pretrain(PretrainConfig(out=str(folder), tasks="sudoku:30", batch_size=32, hidden_size=32,
                                      layers=2, heads=2, eval_limit=16))
     assert 0 < report["test"]["sudoku"]["reward"] < 1
     return folder

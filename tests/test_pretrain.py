@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from harness.pretrain import sft_loss
@@ -44,3 +45,14 @@ def test_tokenizer_round_trips_any_text_and_splits_digits(tokenizer):
     digits = tokenizer.convert_ids_to_tokens(tokenizer.encode("2026", add_special_tokens=False))
     assert digits == ["2", "0", "2", "6"]
     assert {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id} == {0, 1, 2}
+
+
+def test_schedule_interleaves_task_budgets_and_rejects_bad_specs():
+    from harness.pretrain import schedule
+
+    assert schedule("a:3,b:1") == ["a", "a", "b", "a"]
+    plan = schedule("arithmetic:300,sudoku:20")
+    assert len(plan) == 320 and plan.count("sudoku") == 20
+    assert max(i for i, n in enumerate(plan) if n == "sudoku") > 300  # spread to the end, not bunched up
+    with pytest.raises(ValueError, match="must look like 'arithmetic:3000,sudoku:200'"):
+        schedule("arithmetic,sudoku")
