@@ -24,7 +24,6 @@ import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +149,10 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]
     order = np.random.default_rng(cfg.seed).permutation(len(train_set))
     generators = {"rollout": torch.Generator().manual_seed(cfg.seed), "batch_seed": torch.Generator().manual_seed(cfg.seed + 1)}
-    sample = partial(algo.sample, ref=ref, cfg=algo_cfg) if hasattr(algo, "sample") else None
+    sample = None
+    if hasattr(algo, "sample"):  # the method's declared training-time decoding override
+        def sample(model, prompt_ids, prompt_mask, sampler, generator):
+            return algo.sample(model, ref, prompt_ids, prompt_mask, sampler, generator, algo_cfg)
     prepare = getattr(algo, "prepare", lambda policy, ref, batch, cfg: batch)
 
     start = 0
@@ -166,12 +168,12 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         runs.write_text(run / "metrics.jsonl", "".join(
             runs.dumps(r) + "\n" for r in runs.read_metrics(run / "metrics.jsonl") if r["step"] <= start))
 
-    def evaluate_now(step: int) -> dict:
+    def evaluate_now() -> dict:
         counter.phase = "eval"
         return {f"eval/{k}": v for k, v in evaluate(policy, tokenizer, task, test_set, eval_cfg).items()}
 
     if start == 0:
-        runs.append_metrics(run / "metrics.jsonl", {"step": 0, **evaluate_now(0)})
+        runs.append_metrics(run / "metrics.jsonl", {"step": 0, **evaluate_now()})
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.task}/seed{cfg.seed}", unit="step",
                initial=start, total=cfg.steps, dynamic_ncols=True)
     for step in bar:
@@ -226,7 +228,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            row.update(evaluate_now(step))
+            row.update(evaluate_now())
         runs.append_metrics(run / "metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}",
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))

@@ -62,3 +62,21 @@ def test_changed_config_refuses_to_resume(model_dir, tmp_path):
     tiny_run(model_dir, tmp_path / "run", "d1", steps=1)
     with pytest.raises(ValueError, match="holds a checkpoint of a different configuration"):
         tiny_run(model_dir, tmp_path / "run", "d1", steps=1, lr=0.5)
+
+
+def test_a_method_sample_override_is_called_with_the_documented_signature(trained_dir, tmp_path, monkeypatch):
+    """`sample(policy, ref, prompt_ids, prompt_mask, sampler_cfg, generator, cfg)` replaces the rollout sampler."""
+    from algorithms import d1
+    from harness.sampler import generate
+
+    calls = []
+
+    def sample(policy, ref, prompt_ids, prompt_mask, sampler_cfg, generator, cfg):
+        calls.append((policy is not ref, type(cfg).__name__, sampler_cfg.temperature))
+        traj = generate(policy, prompt_ids, prompt_mask, sampler_cfg, generator)
+        traj.extra["marker"] = torch.ones(len(prompt_ids))
+        return traj
+
+    monkeypatch.setattr(d1, "sample", sample, raising=False)
+    tiny_run(trained_dir, tmp_path / "run", "d1", steps=1)
+    assert calls == [(True, "Config", 0.9)]
