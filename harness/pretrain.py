@@ -37,9 +37,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{%
 class PretrainConfig:
     out: str = "results/base"
     """folder the base model and tokenizer are written to"""
-    tasks: str = "arithmetic:3000,sudoku:200"
+    tasks: str = "arithmetic:1500,sudoku:200"
     """task:steps pairs; each step trains on one task's train split, the tasks interleaved evenly. The budgets
-    put the base at 20-60% test reward on each task (arithmetic is much harder for the tiny model)"""
+    put the base at 20-60% test reward on each task, where RL has signal (measured: arithmetic 47%, sudoku 27%;
+    arithmetic jumps to 98% by 2000 steps, so the budget matters)"""
     batch_size: int = 64
     """sequences per step"""
     lr: float = 2e-3
@@ -56,6 +57,8 @@ class PretrainConfig:
     """BPE vocabulary size (byte-level, digits always split; 256 bytes + specials + merges)"""
     seed: int = 0
     """seed of initialisation and data order"""
+    threads: int = 1
+    """torch CPU threads, fixed: float summation order depends on it, and so does the exact base"""
     eval_limit: int = 256
     """test items per task scored at the end (greedy, the shared sampler)"""
 
@@ -107,6 +110,7 @@ def schedule(spec: str) -> list[str]:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     plan = schedule(cfg.tasks)
     tasks = {name: benchmarks.get(name) for name in dict.fromkeys(plan)}

@@ -55,13 +55,13 @@ class TrainConfig:
     """seed of data order, rollouts and every method's randomness"""
     steps: int = 60
     """RL steps (rollout batches)"""
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     """distinct prompts per rollout batch"""
     group_size: int = 8
     """completions per prompt G"""
     micro_batch_size: int = 16
     """sequences per forward/backward pass (gradient accumulation over the batch)"""
-    lr: float = 5e-5
+    lr: float = 3e-5
     """AdamW learning rate, constant (d1 train.yaml: constant_with_warmup, warmup ratio 1e-4)"""
     betas: tuple[float, float] = (0.9, 0.99)
     """AdamW betas (d1 train.yaml)"""
