@@ -113,8 +113,12 @@ class Config:
 def gamma_token_ids(config, size: int) -> torch.Tensor:
     """The `size` highest vocabulary ids that are not special tokens, ascending: id j stands for gamma_grid[j]."""
     special = {getattr(config, k, None) for k in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id")}
-    ids = [i for i in range(config.vocab_size - 1, -1, -1) if i not in special][:size]
-    return torch.tensor(ids[::-1])
+    top = range(config.vocab_size - 1, max(config.vocab_size - 2 - size - len(special), -1), -1)
+    ids = [i for i in top if i not in special][:size][::-1]
+    if len(ids) < size:
+        raise ValueError(f"a vocabulary of {config.vocab_size} ids cannot reserve {size} threshold tokens; "
+                         f"shorten gamma_grid")
+    return torch.tensor(ids)
 
 
 def gamma_log_probs(model, canvas_logits: torch.Tensor, cfg: Config) -> torch.Tensor:
