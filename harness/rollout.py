@@ -110,7 +110,7 @@ def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, gr
     """Sample `group_size` completions per example and reward them with the task's reward.
 
     `sample(model, prompt_ids, prompt_mask, cfg, generator) -> Trajectory` replaces the shared sampler only
-    for a method that declares a training-time decoding override; evaluation never passes one.
+    for a method that declares a training-time decoding override; the shared evaluation never passes one.
     """
     repeated = [e for e in examples for _ in range(group_size)]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [task.prompt(e) for e in repeated], model.device)
@@ -128,14 +128,18 @@ def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, gr
     return batch, texts
 
 
-def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, batch_size: int = 64) -> dict[str, float]:
-    """Greedy evaluation with the shared sampler: mean reward, accuracy (reward == 1) and mean NFE."""
+def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, batch_size: int = 64,
+             sample=None) -> dict[str, float]:
+    """Greedy evaluation: mean reward, accuracy (reward == 1) and mean NFE.
+
+    The shared sampler by default; `sample` (the signature `rollout` takes) evaluates a method's own decoding.
+    """
     cfg = replace(cfg, temperature=0.0)
     rewards, nfe = [], []
     was_training = model.training
     model.eval()
     for i in range(0, len(examples), batch_size):
-        batch, _ = rollout(model, tokenizer, task, examples[i:i + batch_size], cfg, group_size=1)
+        batch, _ = rollout(model, tokenizer, task, examples[i:i + batch_size], cfg, group_size=1, sample=sample)
         rewards.append(batch.rewards)
         nfe.append(batch.nfe.float())
     model.train(was_training)

@@ -13,6 +13,12 @@
 
 Micro-batch losses are summed, not averaged: each method returns its micro-batch's share of the batch
 loss, so any split of a batch gives the same gradient. A run resumes from its last complete checkpoint.
+
+Evaluation is greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
+`eval/nfe`: the comparable numbers). A method that declares a `sample` override is ALSO evaluated greedily
+with its own decoding, logged next to them as `eval_own/reward`, `eval_own/accuracy`, `eval_own/nfe`
+(DiFFPO: its learned EB threshold, accuracy vs NFE; AGRPO: random-order unmasking; LFPO: the EMA rollout
+policy).
 """
 
 from __future__ import annotations
@@ -170,7 +176,11 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
 
     def evaluate_now() -> dict:
         counter.phase = "eval"
-        return {f"eval/{k}": v for k, v in evaluate(policy, tokenizer, task, test_set, eval_cfg).items()}
+        row = {f"eval/{k}": v for k, v in evaluate(policy, tokenizer, task, test_set, eval_cfg).items()}
+        if sample is not None:  # the method's own decoding, next to the shared (comparable) evaluation
+            row.update({f"eval_own/{k}": v for k, v in
+                        evaluate(policy, tokenizer, task, test_set, eval_cfg, sample=sample).items()})
+        return row
 
     if start == 0:
         runs.append_metrics(run / "metrics.jsonl", {"step": 0, **evaluate_now()})

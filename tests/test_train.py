@@ -78,5 +78,10 @@ def test_a_method_sample_override_is_called_with_the_documented_signature(traine
         return traj
 
     monkeypatch.setattr(d1, "sample", sample, raising=False)
-    tiny_run(trained_dir, tmp_path / "run", "d1", steps=1)
-    assert calls == [(True, "Config", 0.9)]
+    run = tiny_run(trained_dir, tmp_path / "run", "d1", steps=1)
+    # the rollout of step 1 at the sampler's temperature; greedy `eval_own` evaluations at steps 0 and 1
+    assert calls == [(True, "Config", 0.0), (True, "Config", 0.9), (True, "Config", 0.0)]
+    rows = runs.read_metrics(run / "metrics.jsonl")
+    for row in rows:  # same decoder as the shared sampler here, so the two evaluations agree exactly
+        assert {k: row[f"eval_own/{k}"] for k in ("reward", "accuracy", "nfe")} == \
+               {k: row[f"eval/{k}"] for k in ("reward", "accuracy", "nfe")}
