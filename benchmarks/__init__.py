@@ -7,19 +7,29 @@ A task module defines
   target(example) -> str           a reference completion (supervised pretraining of the tiny base)
   reward(completion, example)       -> float in [0, 1]: the RL reward *and* the evaluation metric
 
+Two kinds of task need less:
+  evaluation-only tasks (humaneval, hellaswag) have no train split: load("train") raises ValueError.
+  multiple-choice tasks (hellaswag) define choices(example) -> list[str] instead of the sampler lengths;
+                        they are scored by the log-likelihood of each choice (lm-eval `multiple_choice`),
+                        target(example) is the gold choice and reward(choice, example) scores a picked one.
+Every task is also an lm-eval task of the same name: benchmarks/lm_eval/<name>.yaml.
+
 Modules that are infrastructure, not tasks, are listed in NOT_TASKS.
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib
+import json
 import os
 import pkgutil
 from pathlib import Path
 from types import ModuleType
 
 NOT_TASKS = {"sandbox"}
-REQUIRED = ("GEN_LENGTH", "BLOCK_LENGTH", "STEPS", "load", "prompt", "target", "reward")
+REQUIRED = ("load", "prompt", "target", "reward")
+SAMPLER_LENGTHS = ("GEN_LENGTH", "BLOCK_LENGTH", "STEPS")  # required unless the task is multiple-choice
 
 
 def data_dir() -> Path:
@@ -33,13 +43,32 @@ def data_dir() -> Path:
     return path
 
 
+def read(local: str, hub: str, config: str | None, split: str) -> list[dict]:
+    """Records of a real benchmark split: the JSON-lines file `local` (optionally .gz) under $DLLM_DATA_DIR
+    when that is set, else the Hugging Face Hub dataset `hub` (config, split)."""
+    if os.environ.get("DLLM_DATA_DIR"):
+        path = data_dir() / local
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; DLLM_DATA_DIR must hold {local} (see its README)")
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(hub, config, split=split))
+    except ConnectionError as e:  # offline mode raises a subclass of it
+        raise ConnectionError(f"cannot load {hub} from the Hub ({e}); offline, set DLLM_DATA_DIR to the data "
+                              f"folder holding {local}") from e
+
+
 def _discover() -> dict[str, ModuleType]:
     tasks = {}
     for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_") or info.name in NOT_TASKS or info.ispkg:
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
-        missing = [name for name in REQUIRED if not hasattr(module, name)]
+        required = REQUIRED if hasattr(module, "choices") else REQUIRED + SAMPLER_LENGTHS
+        missing = [name for name in required if not hasattr(module, name)]
         if missing:
             raise TypeError(f"benchmarks/{info.name}.py is not a valid task: it lacks {', '.join(missing)}")
         tasks[info.name] = module

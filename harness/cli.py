@@ -1,8 +1,9 @@
-"""`python -m harness pretrain|train ...`: flags generated from the config dataclasses.
+"""`python -m harness pretrain|train|eval ...`: flags generated from the config dataclasses.
 
 Every dataclass field becomes a flag whose help is the field's docstring: TrainConfig fields as `--name`,
 the sampler's as `--sampler.name` and `--eval_sampler.name`, and the chosen method's Config as
-`--algo.name` (run `python -m harness train --algo NAME --help` to see a method's own fields).
+`--algo.name` (run `python -m harness train --algo NAME --help` to see a method's own fields); EvalConfig
+fields as `--name` and its sampler's as `--sampler.name`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import textwrap
 import typing
 
 import algorithms
+from harness import evaluate
 from harness.pretrain import PretrainConfig, pretrain
 from harness.train import TrainConfig, train
 
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     add_fields(tr, TrainConfig())
     add_fields(tr, TrainConfig().sampler, "sampler.")
     add_fields(tr, TrainConfig().eval_sampler, "eval_sampler.")
+    ev = commands.add_parser("eval", help="evaluate a model with lm-eval on tasks of benchmarks/ (JSON results)",
+                             allow_abbrev=False)
+    add_fields(ev, evaluate.EvalConfig())
+    add_fields(ev, evaluate.EvalConfig().sampler, "sampler.")
     algo_name = _peek(argv, "--algo", TrainConfig.algo)
     algo = algorithms.get(algo_name)
     add_fields(tr, algo.Config(), "algo.")
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     command = values.pop("command")
     if command == "pretrain":
         print(json.dumps(pretrain(build(PretrainConfig(), values)), indent=2))
+    elif command == "eval":
+        evaluate.run(build(evaluate.EvalConfig(), values))
     else:
         algo_values = {k.removeprefix("algo."): v for k, v in values.items() if k.startswith("algo.")}
         run = train(build(TrainConfig(), values), build(algo.Config(), algo_values))
