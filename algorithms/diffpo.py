@@ -70,7 +70,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from harness.likelihood import _masked_prompt, step_logits
+from harness.likelihood import masked_prompt, step_logits
 from harness.rollout import Batch, group_centered
 from harness.sampler import Trajectory, generate
 
@@ -152,10 +152,10 @@ def _surrogate(model, batch: Batch, n: int, cfg: Config) -> tuple[torch.Tensor |
     """Iteration n's ([B, L] 2-MF token log-probs, [B] threshold-token log-probs); None where the mode has none."""
     B, mask_id = len(batch), model.config.mask_token_id
     seeds, tau = batch.extra["mask_seeds"][:, n], batch.extra["tau"][:, n]
-    prompts = [_masked_prompt(batch.prompt_ids, batch.prompt_mask, seeds, cfg.p_mask, mask_id)]
+    prompts = [masked_prompt(batch.prompt_ids, batch.prompt_mask, seeds, cfg.p_mask, mask_id)]
     steps = [torch.zeros_like(tau)]  # t = 0: c' + [MASK]^L, the prompt-only pass
     if cfg.mode != "sampler":
-        prompts.append(_masked_prompt(batch.prompt_ids, batch.prompt_mask, seeds, cfg.p_mask_z, mask_id))
+        prompts.append(masked_prompt(batch.prompt_ids, batch.prompt_mask, seeds, cfg.p_mask_z, mask_id))
         steps.append(tau)  # c'' + z_tau
     k = len(prompts)
     logits = step_logits(model, torch.cat(prompts), batch.prompt_mask.repeat(k, 1), batch.completion.repeat(k, 1),

@@ -51,8 +51,9 @@ def add_fields(parser: argparse.ArgumentParser, defaults, prefix: str = "") -> N
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         options = {"dest": prefix + f.name, "default": argparse.SUPPRESS,
                    "help": f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")}
-        if typing.get_origin(kind) is tuple:
-            options.update(nargs=len(args), type=args[0], metavar=args[0].__name__.upper())
+        if typing.get_origin(kind) is tuple:  # tuple[float, float] takes 2 values, tuple[float, ...] any number
+            options.update(nargs="+" if args[-1] is Ellipsis else len(args), type=args[0],
+                           metavar=args[0].__name__.upper())
         else:
             base = args[0] if args else kind
             options.update(type=_bool if base is bool else base, metavar=base.__name__.upper())

@@ -51,7 +51,7 @@ import benchmarks
 from harness import runs
 from harness.likelihood import elbo
 from harness.model import load
-from harness.rollout import decode
+from harness.rollout import decode, left_pad
 from harness.sampler import SamplerConfig, generate
 
 TASKS_DIR = Path(benchmarks.__file__).parent / "lm_eval"
@@ -118,16 +118,6 @@ class DiffusionLM(LM):
         whole, ctx = self._encode(context + continuation), self._encode(context)
         return (ctx or [self.prefix_token_id]), whole[len(ctx):]
 
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [B, P], mask [B, P] bool), left-padded with the pad id as `harness.rollout.encode_prompts` does."""
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = True
-        return ids.to(self.device), mask.to(self.device)
-
     def _record(self, request, nfe: int) -> None:
         self.nfe[(request.task_name, request.doc_id, request.idx)] = int(nfe)
 
@@ -163,7 +153,7 @@ class DiffusionLM(LM):
             indices.sort(key=lambda i: -len(ids[i]))  # similar lengths together: less padding
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                prompt_ids, prompt_mask = self._left_pad([ids[i] for i in chunk])
+                prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
                 traj = generate(self.model, prompt_ids, prompt_mask, cfg, generator)
                 for i, text, nfe in zip(chunk, decode(self.tokenizer, traj.completion), traj.nfe.tolist()):
                     for stop in until:
@@ -188,7 +178,7 @@ class DiffusionLM(LM):
             for start in range(0, len(indices), per_batch):
                 chunk = indices[start:start + per_batch]
                 if length:
-                    prompt_ids, prompt_mask = self._left_pad([pairs[i][0] for i in chunk])
+                    prompt_ids, prompt_mask = left_pad([pairs[i][0] for i in chunk], self.tokenizer.pad_token_id, self.device)
                     completion = torch.tensor([pairs[i][1] for i in chunk], dtype=torch.long, device=self.device)
                     values = elbo(self.model, prompt_ids, prompt_mask, completion,
                                   torch.tensor([seeds[i] for i in chunk]), self.mc_samples)

@@ -25,7 +25,7 @@ from harness.model import log_policy, token_logits
 from harness.rollout import state_at
 
 
-def _masked_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: torch.Tensor, p_mask: float,
+def masked_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: torch.Tensor, p_mask: float,
                    mask_id: int) -> torch.Tensor:
     """Each real prompt token replaced by [MASK] with probability p_mask, drawn from the row's seed."""
     out = prompt_ids.clone()
@@ -40,7 +40,7 @@ def _masked_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: t
 def mean_field_logp(model, prompt_ids, prompt_mask, completion, seeds: torch.Tensor, p_mask: float) -> torch.Tensor:
     """[B, L] log p(o_k | masked prompt, all-[MASK] completion), one forward pass (d1 §1.2)."""
     mask_id = model.config.mask_token_id
-    prompt = _masked_prompt(prompt_ids, prompt_mask, seeds, p_mask, mask_id)
+    prompt = masked_prompt(prompt_ids, prompt_mask, seeds, p_mask, mask_id)
     ids = torch.cat([prompt, torch.full_like(completion, mask_id)], dim=1)
     attention = torch.cat([prompt_mask.long(), torch.ones_like(completion)], dim=1)
     logits = token_logits(model, ids, attention, start=prompt_ids.shape[1])

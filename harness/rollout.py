@@ -86,17 +86,22 @@ def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (is_eos.long().cumsum(1) - is_eos.long()) == 0
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows left-padded with `pad_id`: (ids [B, P], mask [B, P] bool, True on real tokens)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = True
+    return ids.to(device), mask.to(device)
+
+
 def encode_prompts(tokenizer, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the chat template to each user turn and left-pad: (ids [B, P], mask [B, P] bool)."""
     rows = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False) for t in texts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = True
-    return ids.to(device), mask.to(device)
+    return left_pad(rows, tokenizer.pad_token_id, device)
 
 
 def decode(tokenizer, completion: torch.Tensor) -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import benchmarks
-from harness.likelihood import _masked_prompt, elbo, elbo_masks, exact_elbo, mean_field_logp
+from harness.likelihood import masked_prompt, elbo, elbo_masks, exact_elbo, mean_field_logp
 from harness.rollout import encode_prompts
 
 
@@ -56,15 +56,15 @@ def test_prompt_masking_rate_seed_sharing_and_extremes(tokenizer):
     ids, mask = prompts(tokenizer, 4)
     many_ids, many_mask = ids.repeat(250, 1), mask.repeat(250, 1)
     mask_id = 2
-    masked = _masked_prompt(many_ids, many_mask, torch.arange(1000), 0.15, mask_id) == mask_id
+    masked = masked_prompt(many_ids, many_mask, torch.arange(1000), 0.15, mask_id) == mask_id
     rate = masked[many_mask].float().mean().item()
     assert abs(rate - 0.15) < 0.02
     assert not masked[~many_mask].any()  # padding is never touched
-    same = _masked_prompt(ids, mask, torch.tensor([7, 7, 7, 7]), 0.5, mask_id)
-    assert torch.equal(same, _masked_prompt(ids, mask, torch.tensor([7, 7, 7, 7]), 0.5, mask_id))
-    assert not torch.equal(same, _masked_prompt(ids, mask, torch.tensor([8, 9, 10, 11]), 0.5, mask_id))
-    assert torch.equal(_masked_prompt(ids, mask, torch.arange(4), 0.0, mask_id), ids)
-    assert (_masked_prompt(ids, mask, torch.arange(4), 1.0, mask_id)[mask] == mask_id).all()
+    same = masked_prompt(ids, mask, torch.tensor([7, 7, 7, 7]), 0.5, mask_id)
+    assert torch.equal(same, masked_prompt(ids, mask, torch.tensor([7, 7, 7, 7]), 0.5, mask_id))
+    assert not torch.equal(same, masked_prompt(ids, mask, torch.tensor([8, 9, 10, 11]), 0.5, mask_id))
+    assert torch.equal(masked_prompt(ids, mask, torch.arange(4), 0.0, mask_id), ids)
+    assert (masked_prompt(ids, mask, torch.arange(4), 1.0, mask_id)[mask] == mask_id).all()
 
 
 @torch.no_grad()

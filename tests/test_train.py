@@ -85,3 +85,16 @@ def test_a_method_sample_override_is_called_with_the_documented_signature(traine
     for row in rows:  # same decoder as the shared sampler here, so the two evaluations agree exactly
         assert {k: row[f"eval_own/{k}"] for k in ("reward", "accuracy", "nfe")} == \
                {k: row[f"eval/{k}"] for k in ("reward", "accuracy", "nfe")}
+
+
+def test_variable_length_tuple_fields_take_any_number_of_values():
+    """`tuple[float, ...]` fields (e.g. DiFFPO's gamma grid) accept a list of any length on the command line."""
+    import argparse
+
+    from algorithms import diffpo
+    from harness.cli import add_fields, build
+
+    parser = argparse.ArgumentParser()
+    add_fields(parser, diffpo.Config(), "algo.")
+    values = {k.removeprefix("algo."): v for k, v in vars(parser.parse_args(["--algo.gamma_grid", "0", "0.5", "2"])).items()}
+    assert build(diffpo.Config(), values).gamma_grid == (0.0, 0.5, 2.0)
