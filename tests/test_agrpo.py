@@ -138,7 +138,8 @@ def test_entropy_weights_make_every_step_count_one_over_T():
     q = agrpo.step_distribution(unmask_step, entropy, T)
     assert q.shape == (3, 4) and (q[0, 3] == 0) and (q[2, 2:] == 0).all()
     torch.testing.assert_close(q.sum(1), torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(q[0, :3], torch.tensor([0.5 + 1e-8, 1e-8, 2.0 + 1e-8], dtype=torch.float64) / (2.5 + 3e-8))
+    want = torch.tensor([0.5 + 1e-8, 1e-8, 2.0 + 1e-8], dtype=torch.float64) / (2.5 + 3e-8)
+    torch.testing.assert_close(q[0, :3], want)
     t, w = agrpo.draw_steps(T, 50, torch.Generator().manual_seed(0), True, q)
     assert (t < T[:, None]).all() and set(t[1].tolist()) == {0, 1, 2, 3}
     torch.testing.assert_close(w.double() * q.gather(1, t), (1.0 / T[:, None]).double().expand_as(q.gather(1, t)))
