@@ -68,3 +68,32 @@ def trained_dir(tmp_path_factory):
                                      layers=2, heads=2, eval_limit=16))
     assert 0 < report["test"]["sudoku"]["reward"] < 1
     return folder
+
+
+def reward_climb(module, cfg, tokenizer, steps: int = 4, lr: float = 1e-3) -> list[float]:
+    """Mean rollout reward per step of a method trained from the random tiny model on a toy reward (the fraction
+    of even token ids in the completion), through its own sample/prepare/loss and plain Adam."""
+    from harness.rollout import rollout
+    from harness.sampler import SamplerConfig
+
+    task = benchmarks.get("arithmetic")
+    policy, ref = make_model(tokenizer), make_model(tokenizer).requires_grad_(False)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    sample = None
+    if hasattr(module, "sample"):
+        def sample(model, ids, mask, sampler, generator):
+            return module.sample(model, ref, ids, mask, sampler, generator, cfg)
+    sampler, generator, history = SamplerConfig(temperature=1.0).resolve(task), torch.Generator().manual_seed(0), []
+    for step in range(steps):
+        batch, _ = rollout(policy, tokenizer, task, task.load("train")[2 * step:2 * step + 2], sampler, 8, generator,
+                           sample)
+        batch.rewards, batch.seed = (batch.completion % 2 == 0).float().mean(1), step
+        history.append(batch.rewards.mean().item())
+        with torch.no_grad():
+            batch = module.prepare(policy, ref, batch, cfg)
+        for iteration in range(getattr(cfg, "num_iterations", 1)):
+            batch.iteration = iteration
+            optimizer.zero_grad()
+            module.loss(policy, batch, cfg)[0].backward()
+            optimizer.step()
+    return history
