@@ -159,7 +159,7 @@ def _step_logp(model, batch: Batch, steps: torch.Tensor) -> torch.Tensor:
     return logp.view(B, M, -1)
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: clipped surrogate on the step likelihood of M drawn steps, IS-weighted, 1/(M B)-normalised.
     n = batch.iteration
     steps = batch.extra["mc_steps"][:, n]  # [b, M]

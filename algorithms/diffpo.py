@@ -204,7 +204,7 @@ def prepare(policy, ref, batch: Batch, cfg: Config) -> Batch:
     return batch
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: IS-weighted clipped 2-MF token term (+ k3 KL) and the clipped threshold-token term.
     n = batch.iteration
     logp, gamma_logp = _surrogate(policy, batch, n, cfg)
