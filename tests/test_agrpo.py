@@ -42,9 +42,14 @@ def test_sample_is_the_shared_sampler_with_random_unmasking(model, tokenizer):
     traj = agrpo.sample(model, None, ids, mask, cfg, torch.Generator().manual_seed(1), agrpo.Config())
     want = generate(model, ids, mask, replace(cfg, remasking="random"), torch.Generator().manual_seed(1))
     assert torch.equal(traj.completion, want.completion) and torch.equal(traj.unmask_step, want.unmask_step)
-    assert torch.equal(traj.extra["temperature"], torch.full((3,), 0.6))
     with pytest.raises(ValueError, match="decoding='steps'"):
         agrpo.sample(model, None, ids, mask, replace(cfg, decoding="threshold"), None, agrpo.Config())
+
+
+def test_the_batch_carries_the_rollout_temperature_into_every_micro_batch(model, tokenizer):
+    """`rollout` records the sampler's temperature (Batch.temperature), the one the loss scores at."""
+    batch = sampled(model, tokenizer, temperature=0.6)
+    assert batch.temperature == 0.6 and [mb.temperature for mb in batch.micro_batches(3)] == [0.6] * 3
 
 
 @pytest.mark.parametrize("temperature", [0.6, 1.0])
