@@ -5,8 +5,10 @@ A method module defines (see `_template.py`):
 
   Config                           required: a frozen dataclass of this method's hyperparameters only;
                                    `num_iterations` (mu, optimizer steps per rollout batch) if it has one
-  loss(policy, batch, cfg)         required: -> (loss tensor, {metric: float}) for one micro-batch; the
-                                   harness *sums* micro-batch losses, so each is its share of the batch loss
+  loss(policy, ref, batch, cfg)    required: -> (loss tensor, {metric: float}) for one micro-batch; the
+                                   harness *sums* micro-batch losses, so each is its share of the batch loss;
+                                   `ref` (frozen, or EMA-updated by `after_step`) for what is cheaper to
+                                   recompute per micro-batch than to store, e.g. old full-vocabulary logits
   prepare(policy, ref, batch, cfg) optional: once per rollout, under no_grad -> batch (fills batch.extra)
   sample(policy, ref, prompt_ids, prompt_mask, sampler_cfg, generator, cfg)
                                    optional: training-time decoding override -> harness.sampler.Trajectory
@@ -34,7 +36,7 @@ def check(module: ModuleType) -> ModuleType:
     if not config.__dataclass_params__.frozen:
         raise TypeError(f"{where}: `Config` must be frozen (@dataclass(frozen=True))")
     if not callable(getattr(module, "loss", None)):
-        raise TypeError(f"{where} must define `loss(policy, batch, cfg) -> (loss, metrics)`")
+        raise TypeError(f"{where} must define `loss(policy, ref, batch, cfg) -> (loss, metrics)`")
     for name in OPTIONAL:
         if hasattr(module, name) and not callable(getattr(module, name)):
             raise TypeError(f"{where}: `{name}` must be a function")

@@ -41,8 +41,12 @@ def prepare(policy, ref, batch: Batch, cfg: Config) -> Batch:
     return batch
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
-    """Required. This micro-batch's share of the batch loss (the harness sums micro-batches), and metrics."""
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+    """Required. This micro-batch's share of the batch loss (the harness sums micro-batches), and metrics.
+
+    `ref` is the loop's reference model (frozen, or updated by `after_step`): use it here, under torch.no_grad(),
+    for what would be too large to store in `prepare` (e.g. full-vocabulary logits; see algorithms/lfpo.py).
+    """
     seeds = torch.arange(len(batch))  # a toy estimator: REINFORCE on the mean-field log-probs
     logp = mean_field_logp(policy, batch.prompt_ids, batch.prompt_mask, batch.completion, seeds, p_mask=0.0)
     mask = batch.completion_mask.float()

@@ -27,8 +27,9 @@ Implementation details:
 5. Per committed token of a drawn step: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * rho * k3, with
    rho = pi_theta / pi_old on the state rebuilt from (tokens, unmask steps) and k3 = e^D - D - 1,
    D = log pi_ref - log pi_theta; the factor rho on k3 is the code's importance correction (arXiv:2512.02556),
-   and gradient flows through it. log pi is the sampling distribution softmax(logits / temperature)
-   (harness.likelihood.step_logp), which replays the sampler's recorded log-probs exactly.
+   and gradient flows through it. log pi is the sampling distribution softmax(logits / temperature) at the
+   rollout's temperature (Batch.temperature; harness.likelihood.step_logp), which replays the sampler's
+   recorded log-probs exactly.
 6. Loss = sum over rows, drawn steps and committed tokens of weight * per-token term, divided by M times the
    number of sequences (`compute_loss`: `per_token_loss.sum() / (mc_samples * num_generations)` per
    one-group device batch), so its expectation is (1/B) sum_i (1/T_i) sum_{t < T_i} l_{i,t}.
@@ -53,8 +54,6 @@ Deviations:
 - The sampler has no early exit for all-EOS blocks (the official sampler fills them and skips their steps);
   it changes cost, not the objective.
 - One clip range (TRL `epsilon`; the official code reads epsilon_low/high, both 0.2 in train.yaml).
-- The rollout temperature reaches the loss through the trajectory record (`extra["temperature"]`, written by
-  `sample`); a batch sampled without this override (the generic tests) is scored under the plain softmax.
 - Rewards are the benchmark's (one function per task, shared by every method), not AGRPO's format rewards.
 """
 
@@ -93,10 +92,7 @@ def sample(policy, ref, prompt_ids, prompt_mask, sampler_cfg, generator, cfg: Co
     if sampler_cfg.decoding != "steps":
         raise ValueError(f"AGRPO needs sampler.decoding='steps' (a fixed number of randomly chosen positions per "
                          f"step); got {sampler_cfg.decoding!r}, whose choice of positions depends on the model")
-    traj = generate(policy, prompt_ids, prompt_mask, replace(sampler_cfg, remasking="random"), generator)
-    traj.extra["temperature"] = torch.full((len(prompt_ids),), float(sampler_cfg.temperature),
-                                           device=prompt_ids.device)
-    return traj
+    return generate(policy, prompt_ids, prompt_mask, replace(sampler_cfg, remasking="random"), generator)
 
 
 def effective_length(batch: Batch) -> torch.Tensor:
@@ -154,12 +150,11 @@ def _step_logp(model, batch: Batch, steps: torch.Tensor) -> torch.Tensor:
     B, M = steps.shape
     ids, mask, completion, unmask_step = (x.repeat_interleave(M, 0) for x in (
         batch.prompt_ids, batch.prompt_mask, batch.completion, batch.unmask_step))
-    temperature = float(batch.extra["temperature"][0]) if "temperature" in batch.extra else 0.0
-    logp = step_logp(model, ids, mask, completion, unmask_step, steps.reshape(-1), temperature)
+    logp = step_logp(model, ids, mask, completion, unmask_step, steps.reshape(-1), batch.temperature)
     return logp.view(B, M, -1)
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: clipped surrogate on the step likelihood of M drawn steps, IS-weighted, 1/(M B)-normalised.
     n = batch.iteration
     steps = batch.extra["mc_steps"][:, n]  # [b, M]

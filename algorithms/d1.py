@@ -76,7 +76,7 @@ def prepare(policy, ref, batch: Batch, cfg: Config) -> Batch:
     return batch
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: clipped surrogate on mean-field token log-probs + beta * k3, token-normalised.
     n = batch.iteration
     logp = _logp(policy, batch, batch.extra["mask_seeds"][:, n], cfg)

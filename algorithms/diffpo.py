@@ -12,15 +12,15 @@ Implementation details:
    c + [MASK]^L and reads the threshold token at the first completion slot: pi(g | c) is the softmax of
    that slot's logits over M reserved vocabulary ids (the M highest non-special ids), one per value of
    `gamma_grid`. Each rollout draws g (argmax when decoding greedily), then decodes with the EB sampler at
-   gamma = gamma_grid[g]. The trajectory record keeps g, log pi_old(g | c) and the rollout temperature.
+   gamma = gamma_grid[g]. The trajectory record keeps g and log pi_old(g | c).
    In the model mode the rollouts are the shared top-k (low-confidence) sampler.
 2. Two-times mean-field surrogate (§2.2). Inner iteration n draws tau_n ~ U{0..T-1}. A token decoded at
    or before step tau (recorded 0-based unmask step < tau) is scored from the prompt-only pass on
    c' + [MASK]^L (d1's estimator); a later token is scored from c'' + z_tau, where z_tau reveals exactly
    the tokens decoded at or before tau (harness.rollout.state_at). Both passes run as one batched forward
    through harness.likelihood.step_logits (t = 0 is the all-mask canvas), and are scored under the
-   sampling distribution softmax(logits / temperature) of the rollout, as the behaviour log-probs are
-   ("use the same temperature as the sampler", §2.2).
+   sampling distribution softmax(logits / temperature) at the rollout's temperature (Batch.temperature),
+   as the behaviour log-probs are ("use the same temperature as the sampler", §2.2).
 3. Random prompt masking (d1 §1.2): c' and c'' mask each prompt token with probability `p_mask` and
    `p_mask_z`, from per-(row, iteration) seeds shared by the current, old and reference passes.
 4. Truncated importance weight (§2.2): w_k = min(C, pi_hat_old(o_k | .) / pi_old(o_k | c, z_{d_k - 1})), the
@@ -57,8 +57,8 @@ Deviations:
   no separate head); no KL term is used there.
 - The old threshold log-prob is recomputed on each iteration's masked prompt (like d1's token log-probs);
   with p_mask = 0 it equals the rollout record.
-- A batch not sampled through `sample` (a plain shared-sampler rollout) carries no threshold token and no
-  temperature record: it gets no threshold term and is scored untempered, as d1 scores.
+- A batch not sampled through `sample` (a plain shared-sampler rollout) carries no threshold token: it gets
+  no threshold term.
 - As in algorithms/d1.py: per-(row, iteration) seeds from a local generator, mu = 1 works with beta > 0,
   no dropout in the rollout or old passes, and the benchmark's task rewards.
 """
@@ -71,6 +71,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from harness.likelihood import masked_prompt, step_logits
+from harness.model import log_policy
 from harness.rollout import Batch, group_centered
 from harness.sampler import Trajectory, generate
 
@@ -130,21 +131,17 @@ def gamma_log_probs(model, canvas_logits: torch.Tensor, cfg: Config) -> torch.Te
 @torch.no_grad()
 def sample(policy, ref, prompt_ids, prompt_mask, sampler_cfg, generator, cfg: Config) -> Trajectory:
     # ALGO LOGIC (rollout seam): draw a threshold token per prompt, then decode with EB at that threshold.
-    B, L = len(prompt_ids), sampler_cfg.gen_length
-    extra = {"temperature": torch.full((B,), float(sampler_cfg.temperature), device=prompt_ids.device)}
     if cfg.mode == "model":
-        traj = generate(policy, prompt_ids, prompt_mask, sampler_cfg, generator)
+        return generate(policy, prompt_ids, prompt_mask, sampler_cfg, generator)
+    blank = torch.zeros(len(prompt_ids), sampler_cfg.gen_length, dtype=torch.long, device=prompt_ids.device)
+    logp = gamma_log_probs(policy, step_logits(policy, prompt_ids, prompt_mask, blank, blank, 0), cfg)  # all masked
+    if sampler_cfg.temperature > 0:
+        g = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
     else:
-        blank = torch.zeros(B, L, dtype=torch.long, device=prompt_ids.device)  # every position masked at t = 0
-        logp = gamma_log_probs(policy, step_logits(policy, prompt_ids, prompt_mask, blank, blank, 0), cfg)
-        if sampler_cfg.temperature > 0:
-            g = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
-        else:
-            g = logp.argmax(-1)
-        gamma = torch.tensor(cfg.gamma_grid, device=prompt_ids.device)[g]
-        traj = generate(policy, prompt_ids, prompt_mask, replace(sampler_cfg, decoding="eb"), generator, eb_gamma=gamma)
-        extra.update(gamma_index=g, gamma_logp=logp.gather(1, g[:, None]).squeeze(1))
-    traj.extra.update(extra)
+        g = logp.argmax(-1)
+    gamma = torch.tensor(cfg.gamma_grid, device=prompt_ids.device)[g]
+    traj = generate(policy, prompt_ids, prompt_mask, replace(sampler_cfg, decoding="eb"), generator, eb_gamma=gamma)
+    traj.extra.update(gamma_index=g, gamma_logp=logp.gather(1, g[:, None]).squeeze(1))
     return traj
 
 
@@ -167,9 +164,7 @@ def _surrogate(model, batch: Batch, n: int, cfg: Config) -> tuple[torch.Tensor |
     if cfg.mode == "sampler":
         return None, gamma_logp
     late = (batch.unmask_step >= tau[:, None])[..., None]  # decoded after tau: conditioned on z_tau
-    temperature = batch.extra["temperature"]
-    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None, None]
-    log_q = torch.log_softmax(torch.where(late, logits[B:], logits[:B]) / scale, dim=-1)
+    log_q = log_policy(torch.where(late, logits[B:], logits[:B]), batch.temperature)
     return log_q.gather(-1, batch.completion[..., None]).squeeze(-1), gamma_logp
 
 
@@ -190,8 +185,7 @@ def prepare(policy, ref, batch: Batch, cfg: Config) -> Batch:
     batch.extra["mask_seeds"], batch.extra["tau"] = seeds.to(dev), tau.to(dev)
     batch.extra["token_norm"] = batch.completion_mask.sum().float().expand(B)
     batch.extra["rows"] = torch.full((B,), float(B), device=dev)
-    # A plain shared-sampler batch (no `sample` record): no threshold token, scored untempered.
-    batch.extra.setdefault("temperature", torch.ones(B, device=dev))
+    # A plain shared-sampler batch (no `sample` record): no threshold token.
     batch.extra.setdefault("gamma_index", torch.full((B,), -1, dtype=torch.long, device=dev))
     if mu > 1:
         old = [_surrogate(policy, batch, n, cfg) for n in range(mu)]
@@ -204,7 +198,7 @@ def prepare(policy, ref, batch: Batch, cfg: Config) -> Batch:
     return batch
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: IS-weighted clipped 2-MF token term (+ k3 KL) and the clipped threshold-token term.
     n = batch.iteration
     logp, gamma_logp = _surrogate(policy, batch, n, cfg)

@@ -233,7 +233,7 @@ def _unbiased_baseline(batch: Batch, elbo_theta: torch.Tensor) -> torch.Tensor:
     return group_softmax(elbo_theta.detach() - batch.extra["old_logp"], batch.group)
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: freshly re-noised antithetic replicates; weighted denoising cross-entropy (or weighted DDO).
     R, L = cfg.num_replicates, batch.completion.shape[1]
     masks = replicate_masks(batch.extra["loss_seeds"][:, batch.iteration], L, R, cfg.mask_prob_min, cfg.mask_prob_max)

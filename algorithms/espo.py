@@ -89,7 +89,7 @@ def prepare(policy, ref, batch: Batch, cfg: Config) -> Batch:
     return batch
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: clipped sequence-level ratio exp(dELBO / L) + beta * k2(ELBO, ELBO_ref) / L.
     n, L, B = batch.iteration, batch.completion.shape[1], batch.extra["rows"][0]
     value = _elbo(policy, batch, batch.extra["mask_seeds"][:, n], cfg)

@@ -18,7 +18,11 @@ Implementation details:
    (tokens, unmask step) by harness.likelihood.step_logits.
 4. Implicit policies in logit space (§2.2): z+ = (1 - beta) z_old + beta z_theta, z- = (1 + beta) z_old -
    beta z_theta; or, with mixing="prob", p+- = (1 -+ beta) p_old +- beta p_theta, clamped at the smallest
-   positive float and renormalised (spec §2.2). z_old is theta_old's logits on the same state, computed once per rollout (no grad).
+   positive float and renormalised (spec §2.2). z_old is theta_old's logits on the same state, which `loss`
+   recomputes from `ref` (= theta_old, unchanged within an RL step) for its micro-batch under no_grad: one
+   extra forward of `ref` per loss call, so mu = num_iterations > 1 recomputes them mu times. Storing them
+   per rollout would take [B, K, L, V] floats (~1.2e10 at LLaDA-8B scale); DiffusionNFT likewise keeps a
+   second "old" LoRA adapter.
 5. Contrastive cross-entropy toward the FINAL tokens at the masked positions of the intermediate state
    (§2.2): l_ik = mean over masked j of [r_i CE(z+_j, y_ij) + (1 - r_i) CE(z-_j, y_ij)], and
    L = (c / beta) (1 / (G K)) sum_ik l_ik, averaged over every (row, state) of the batch. The gradient at
@@ -39,9 +43,6 @@ Deviations:
 - Each state is averaged over its masked positions (the spec's 1/|M|), not weighted by LLaDA's 1/t;
   logits are untempered (temperature 1) in the loss.
 - No KL penalty to the frozen base (DiffusionNFT's optional 1e-4 term; LFPO's use of it is unknown).
-- theta_old's logits for the K states are precomputed in `prepare` and stored, [B, K, L, V] floats: the
-  loss seam receives only the policy. That is cheap on the tiny tasks but at 8B scale the old logits would
-  have to be recomputed per micro-batch (DiffusionNFT keeps a second "old" LoRA adapter for that).
 - Every random draw (strata offsets) comes from a local generator seeded by the batch seed.
 """
 
@@ -126,12 +127,11 @@ def _state_logits(model, batch: Batch, t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prepare(policy, ref, batch: Batch, cfg: Config) -> Batch:
-    # ALGO LOGIC: r per row, K stratified states per row, theta_old's log-probs on those states.
+    # ALGO LOGIC: r per row and K stratified states per row (theta_old's logits on them are recomputed in `loss`).
     B = len(batch)
     t = stratified_steps(batch.nfe, cfg.num_states, torch.Generator().manual_seed(batch.seed)).to(batch.completion.device)
     batch.extra["r"] = optimality(batch.rewards, batch.group, cfg)
     batch.extra["state_step"] = t
-    batch.extra["old_logp"] = torch.log_softmax(_state_logits(ref, batch, t), -1).unflatten(0, (B, cfg.num_states))
     batch.extra["rows"] = torch.full((B,), float(B), device=batch.completion.device)
     return batch
 
@@ -158,13 +158,14 @@ def implicit_log_probs(old_logp: torch.Tensor, logits: torch.Tensor, cfg: Config
     return out
 
 
-def loss(policy, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, ref, batch: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
     # ALGO LOGIC: r-weighted contrastive CE of the implicit +/- policies toward the final tokens.
-    B, K = len(batch), cfg.num_states
+    K = cfg.num_states
     t = batch.extra["state_step"]
     logits = _state_logits(policy, batch, t)
-    log_pos, log_neg = implicit_log_probs(batch.extra["old_logp"].flatten(0, 1), logits, cfg,
-                                          policy.config.mask_token_id)
+    with torch.no_grad():  # theta_old = ref (the EMA rollout policy) on the same states
+        old_logp = torch.log_softmax(_state_logits(ref, batch, t), -1)
+    log_pos, log_neg = implicit_log_probs(old_logp, logits, cfg, policy.config.mask_token_id)
     target = batch.completion.repeat_interleave(K, 0)[..., None]
     ce_pos, ce_neg = -log_pos.gather(-1, target).squeeze(-1), -log_neg.gather(-1, target).squeeze(-1)
     masked = batch.unmask_step.repeat_interleave(K, 0) >= t.flatten()[:, None]  # still [MASK] in the state

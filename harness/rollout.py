@@ -29,6 +29,7 @@ class Batch:
     | completion_mask | [B, L] bool  | positions up to and including the first EOS (all if none)        |
     | rewards         | [B] float    | task reward of each completion                                   |
     | group           | [B] long     | index of the prompt a row belongs to (G contiguous rows each)    |
+    | temperature     | float        | sampler temperature the rollout was drawn at (0 = greedy)        |
     | extra           | dict         | what `prepare` computes: advantages, old/ref log-probs, seeds    |
     | seed            | int          | a fresh seed per rollout batch for the method's own randomness   |
     | iteration       | int          | inner iteration (0..mu-1) the loop is in when calling `loss`     |
@@ -44,6 +45,7 @@ class Batch:
     completion_mask: torch.Tensor
     rewards: torch.Tensor
     group: torch.Tensor
+    temperature: float
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
     iteration: int = 0
@@ -128,6 +130,7 @@ def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, gr
         completion_mask=completion_mask(traj.completion, tokenizer.eos_token_id),
         rewards=rewards.to(prompt_ids.device),
         group=torch.arange(len(examples), device=prompt_ids.device).repeat_interleave(group_size),
+        temperature=cfg.temperature,
         extra=dict(traj.extra),
     )
     return batch, texts

@@ -6,7 +6,7 @@
         rewards  <- the task's reward function (= its evaluation metric)        HARNESS
         batch    <- algo.prepare(policy, ref, batch, cfg)   (no grad)           ALGORITHM seam
         for it in 0..mu-1:                                  (one optimizer step each)
-            for micro-batch in batch:  loss <- algo.loss(policy, mb, cfg); backward    ALGORITHM seam
+            for micro-batch in batch:  loss <- algo.loss(policy, ref, mb, cfg); backward    ALGORITHM seam
             clip grad norm; optimizer step
         algo.after_step(policy, ref, step, cfg)                                  ALGORITHM seam
         metrics.jsonl row; test evaluation every `eval_every` steps; checkpoint every `save_every` steps
@@ -210,7 +210,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for mb in batch.micro_batches(cfg.micro_batch_size):
-                loss, metrics = algo.loss(policy, mb, algo_cfg)
+                loss, metrics = algo.loss(policy, ref, mb, algo_cfg)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss ({loss.item()}) at step {step}, inner iteration {it}; the last good "

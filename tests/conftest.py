@@ -94,6 +94,6 @@ def reward_climb(module, cfg, tokenizer, steps: int = 4, lr: float = 1e-3) -> li
         for iteration in range(getattr(cfg, "num_iterations", 1)):
             batch.iteration = iteration
             optimizer.zero_grad()
-            module.loss(policy, batch, cfg)[0].backward()
+            module.loss(policy, ref, batch, cfg)[0].backward()
             optimizer.step()
     return history

@@ -42,9 +42,14 @@ def test_sample_is_the_shared_sampler_with_random_unmasking(model, tokenizer):
     traj = agrpo.sample(model, None, ids, mask, cfg, torch.Generator().manual_seed(1), agrpo.Config())
     want = generate(model, ids, mask, replace(cfg, remasking="random"), torch.Generator().manual_seed(1))
     assert torch.equal(traj.completion, want.completion) and torch.equal(traj.unmask_step, want.unmask_step)
-    assert torch.equal(traj.extra["temperature"], torch.full((3,), 0.6))
     with pytest.raises(ValueError, match="decoding='steps'"):
         agrpo.sample(model, None, ids, mask, replace(cfg, decoding="threshold"), None, agrpo.Config())
+
+
+def test_the_batch_carries_the_rollout_temperature_into_every_micro_batch(model, tokenizer):
+    """`rollout` records the sampler's temperature (Batch.temperature), the one the loss scores at."""
+    batch = sampled(model, tokenizer, temperature=0.6)
+    assert batch.temperature == 0.6 and [mb.temperature for mb in batch.micro_batches(3)] == [0.6] * 3
 
 
 @pytest.mark.parametrize("temperature", [0.6, 1.0])
@@ -56,7 +61,7 @@ def test_replayed_step_logp_gives_ratio_one_at_every_step(model, tokenizer, temp
     logp = agrpo._step_logp(model, batch, steps)  # every step of every row
     committed = batch.unmask_step[:, None, :] == steps[..., None]
     torch.testing.assert_close(logp[committed], batch.logp[:, None, :].expand_as(logp)[committed], rtol=0, atol=1e-5)
-    _, metrics = agrpo.loss(model, batch, cfg)
+    _, metrics = agrpo.loss(model, model, batch, cfg)
     assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["clip_fraction"] == 0.0
 
 
@@ -65,7 +70,7 @@ def test_uniform_first_step_loss_is_zero_and_gradient_is_reinforce(model, tokeni
     gradient is -(1/(M B)) sum_{i,m} w A_i sum_{k committed at t_im} grad log pi."""
     for mode in ("uniform", "entropy"):
         batch, cfg = prepared(model, tokenizer, importance_sampling=mode, mc_samples=3)
-        loss, _ = agrpo.loss(model, batch, cfg)
+        loss, _ = agrpo.loss(model, model, batch, cfg)
         if mode == "uniform":
             assert loss.item() == pytest.approx(0.0, abs=1e-6)
         steps, w = batch.extra["mc_steps"][:, 0], batch.extra["is_weights"][:, 0]
@@ -83,13 +88,13 @@ def test_equal_rewards_give_exactly_zero_gradient(model, tokenizer):
     """Item 4."""
     batch, cfg = prepared(model, tokenizer)
     batch.extra["advantages"] = group_centered(torch.full((len(batch),), 0.3), batch.group)
-    assert all((g == 0).all() for g in grads(agrpo.loss(model, batch, cfg)[0], model))
+    assert all((g == 0).all() for g in grads(agrpo.loss(model, model, batch, cfg)[0], model))
 
 
 def _grad_wrt_logp(monkeypatch, model, batch, cfg, logp_value):
     leaf = logp_value.clone().requires_grad_(True)
     monkeypatch.setattr(agrpo, "step_logp", lambda *a, **k: leaf)
-    loss, metrics = agrpo.loss(model, batch, cfg)
+    loss, metrics = agrpo.loss(model, model, batch, cfg)
     loss.backward()
     return leaf.grad, metrics
 
@@ -115,7 +120,7 @@ def test_clipping_zeroes_the_gradient_outside_the_trust_region(monkeypatch, mode
 def test_rho_weighted_k3_value_and_gradient(monkeypatch, model, tokenizer):
     """KL term: beta * rho * k3 with gradient through rho and k3; zero when policy = reference."""
     batch, cfg = prepared(model, tokenizer, beta=1.0, mc_samples=2)
-    assert agrpo.loss(model, batch, cfg)[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # ref is the same model
+    assert agrpo.loss(model, model, batch, cfg)[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # ref is the same model
     batch.extra["advantages"] = torch.zeros(len(batch))  # isolate the KL term
     B, M = len(batch), 2
     ref = batch.extra["ref_logp"][:, 0].reshape(B * M, -1)
@@ -190,7 +195,7 @@ def test_mc_loss_is_unbiased_for_the_full_step_sum(monkeypatch, model, tokenizer
     estimates = []
     for seed in range(400):
         batch.seed = seed
-        estimates.append(agrpo.loss(model, agrpo.prepare(model, model, batch, cfg), cfg)[0].item())
+        estimates.append(agrpo.loss(model, model, agrpo.prepare(model, model, batch, cfg), cfg)[0].item())
     estimates = torch.tensor(estimates)
     se = estimates.std() / len(estimates) ** 0.5
     assert se > 0 and abs(estimates.mean() - exact) < 4 * se + 1e-6, (estimates.mean(), exact, se)
@@ -212,7 +217,7 @@ def test_left_to_right_limit_is_token_level_grpo(tokenizer):
     assert torch.equal(T, batch.completion_mask.sum(1))
     batch.extra["mc_steps"] = torch.arange(L).expand(len(batch), 1, L).clone()  # all steps, each once
     batch.extra["is_weights"] = (torch.arange(L) < T[:, None]).float()[:, None, :] * L / T[:, None, None]
-    loss, _ = agrpo.loss(new, batch, cfg)
+    loss, _ = agrpo.loss(new, old, batch, cfg)
     # token-level GRPO by hand: position k is scored on prompt + o_<k + [MASK]*
     mask_id, P = new.config.mask_token_id, batch.prompt_ids.shape[1]
     terms = []

@@ -20,13 +20,13 @@ def prepared(model, tokenizer, **cfg):
 
 def test_ratio_is_one_at_the_first_inner_step(model, tokenizer):
     batch, cfg = prepared(model, tokenizer, num_iterations=3, beta=0.0)
-    loss, metrics = d1.loss(model, batch, cfg)
+    loss, metrics = d1.loss(model, model, batch, cfg)
     assert metrics["ratio"] == pytest.approx(1.0, abs=1e-6) and metrics["clip_fraction"] == 0.0
 
 
 def test_first_step_loss_and_gradient_are_reinforce_with_a_mean_baseline(model, tokenizer):
     batch, cfg = prepared(model, tokenizer, num_iterations=1, beta=0.0)
-    loss, _ = d1.loss(model, batch, cfg)
+    loss, _ = d1.loss(model, model, batch, cfg)
     m, adv = batch.completion_mask.float(), batch.extra["advantages"][:, None]
     assert loss.item() == pytest.approx(-(m * adv).sum().item() / m.sum().item(), abs=1e-6)
     grads = torch.autograd.grad(loss, list(model.parameters()))
@@ -40,7 +40,7 @@ def test_first_step_loss_and_gradient_are_reinforce_with_a_mean_baseline(model, 
 def _grad_wrt_logp(monkeypatch, model, batch, cfg, logp_value):
     leaf = logp_value.clone().requires_grad_(True)
     monkeypatch.setattr(d1, "mean_field_logp", lambda *a, **k: leaf)
-    loss, _ = d1.loss(model, batch, cfg)
+    loss, _ = d1.loss(model, model, batch, cfg)
     loss.backward()
     return leaf.grad
 
@@ -67,10 +67,10 @@ def test_k3_kl_value_and_gradient(monkeypatch, model, tokenizer):
     grad = _grad_wrt_logp(monkeypatch, model, batch, cfg, logp)
     m = batch.completion_mask.float()
     torch.testing.assert_close(grad, (1 - torch.exp(ref - logp)) * m / m.sum())
-    _, metrics = d1.loss(model, batch, cfg)  # D >= 0, and 0 at ref = logp (same model as reference)
+    _, metrics = d1.loss(model, model, batch, cfg)  # D >= 0, and 0 at ref = logp (same model as reference)
     assert metrics["kl"] > 0
     monkeypatch.undo()
-    assert d1.loss(model, batch, cfg)[1]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert d1.loss(model, model, batch, cfg)[1]["kl"] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_same_mask_seed_for_current_old_and_reference(model, tokenizer):
@@ -80,7 +80,7 @@ def test_same_mask_seed_for_current_old_and_reference(model, tokenizer):
     torch.testing.assert_close(batch.extra["old_logp"], batch.extra["ref_logp"])  # policy == ref here
     for n in range(3):
         batch.iteration = n
-        assert d1.loss(model, batch, cfg)[1]["ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert d1.loss(model, model, batch, cfg)[1]["ratio"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_group_advantages_sum_to_zero_and_vanish_for_equal_rewards():
@@ -93,7 +93,7 @@ def test_group_advantages_sum_to_zero_and_vanish_for_equal_rewards():
 def test_equal_rewards_leave_only_the_kl_gradient(model, tokenizer):
     batch, cfg = prepared(model, tokenizer, num_iterations=1, beta=0.0)
     batch.extra["advantages"] = group_centered(torch.ones(len(batch)), batch.group)
-    loss, _ = d1.loss(model, batch, cfg)
+    loss, _ = d1.loss(model, model, batch, cfg)
     assert all((g == 0).all() for g in torch.autograd.grad(loss, list(model.parameters())))
 
 

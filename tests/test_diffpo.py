@@ -91,7 +91,7 @@ def test_z_tau_reveals_exactly_the_tokens_decoded_at_or_before_tau(model, tokeni
 
 def test_importance_weight_is_truncated_positive_and_carries_no_gradient(model, tokenizer):
     batch, cfg = prepared(model, tokenizer, mode="model", num_iterations=1, beta=0.0, is_cap=1.0)
-    loss, metrics = diffpo.loss(model, batch, cfg)
+    loss, metrics = diffpo.loss(model, model, batch, cfg)
     logp, _ = diffpo._surrogate(model, batch, 0, cfg)
     raw = torch.exp(logp.detach() - batch.logp)
     w = raw.clamp(max=1.0)
@@ -103,7 +103,8 @@ def test_importance_weight_is_truncated_positive_and_carries_no_gradient(model, 
     reinforce = -(m * w * adv * logp).sum() / m.sum()
     for g, want in zip(torch.autograd.grad(loss, params(model)), torch.autograd.grad(reinforce, params(model))):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
-    _, untruncated = diffpo.loss(model, batch, diffpo.Config(mode="model", num_iterations=1, beta=0.0, is_cap=math.inf))
+    untruncated_cfg = diffpo.Config(mode="model", num_iterations=1, beta=0.0, is_cap=math.inf)
+    _, untruncated = diffpo.loss(model, model, batch, untruncated_cfg)
     assert untruncated["is_weight"] == pytest.approx(((raw * m).sum() / m.sum()).item(), rel=1e-5)
     assert untruncated["is_truncated"] == 0
 
@@ -112,7 +113,7 @@ def test_ratio_is_one_at_the_first_inner_step_for_both_terms(model, tokenizer):
     batch, cfg = prepared(model, tokenizer, mode="joint", num_iterations=3, p_mask=0.15)
     for n in range(3):
         batch.iteration = n
-        _, metrics = diffpo.loss(model, batch, cfg)
+        _, metrics = diffpo.loss(model, model, batch, cfg)
         assert metrics["ratio"] == pytest.approx(1.0, abs=1e-6) and metrics["gamma_ratio"] == pytest.approx(1.0, abs=1e-6)
         assert metrics["clip_fraction"] == 0 and metrics["kl"] == pytest.approx(0.0, abs=1e-7)  # ref = policy
     # without prompt masking the frozen threshold log-prob is the rollout's record
@@ -123,7 +124,7 @@ def test_ratio_is_one_at_the_first_inner_step_for_both_terms(model, tokenizer):
 def _leaf_grads(monkeypatch, model, batch, cfg, token=None, gamma=None):
     leaves = [None if v is None else v.clone().requires_grad_(True) for v in (token, gamma)]
     monkeypatch.setattr(diffpo, "_surrogate", lambda *a: tuple(leaves))
-    diffpo.loss(model, batch, cfg)[0].backward()
+    diffpo.loss(model, model, batch, cfg)[0].backward()
     monkeypatch.undo()
     return [None if v is None else v.grad for v in leaves]
 
@@ -148,10 +149,10 @@ def test_zero_advantage_groups_give_zero_gradient_for_both_terms(model, tokenize
     equal = torch.tensor([0.3] * 4 + [1.0] * 4)
     batch, cfg = prepared(model, tokenizer, rewards=equal, mode="joint", num_iterations=1, beta=0.0)
     assert batch.extra["advantages"].abs().max() == 0
-    grads = torch.autograd.grad(diffpo.loss(model, batch, cfg)[0], params(model), allow_unused=True)
+    grads = torch.autograd.grad(diffpo.loss(model, model, batch, cfg)[0], params(model), allow_unused=True)
     assert all(g is None or (g == 0).all() for g in grads)
     batch, cfg = prepared(model, tokenizer, mode="sampler", num_iterations=1)  # distinct rewards: a real signal
-    assert any((g != 0).any() for g in torch.autograd.grad(diffpo.loss(model, batch, cfg)[0], params(model)))
+    assert any((g != 0).any() for g in torch.autograd.grad(diffpo.loss(model, model, batch, cfg)[0], params(model)))
 
 
 def test_threshold_token_is_a_distribution_over_the_grid_and_drives_eb(model, tokenizer):
@@ -210,7 +211,7 @@ def test_gradient_accumulation_with_the_threshold_term(model, tokenizer):
     for size in (8, 3):
         model.zero_grad()
         for mb in batch.micro_batches(size):
-            diffpo.loss(model, mb, cfg)[0].backward()
+            diffpo.loss(model, model, mb, cfg)[0].backward()
         grads.append([p.grad.clone() for p in params(model)])
     model.zero_grad()
     for a, b in zip(*grads):

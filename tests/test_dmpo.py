@@ -50,10 +50,11 @@ def test_equal_rewards_give_zero_weights_and_zero_gradient(model, tokenizer):
     """Item 2: w+ = w- for a group of equal rewards (whatever rho~ is), so w^ = 0 and the gradient vanishes."""
     batch, cfg = make_batch(model, tokenizer), dmpo.Config()
     batch.rewards = torch.tensor([0.5] * 4 + [1.0] * 4)
-    batch = dmpo.prepare(model, make_model(tokenizer, seed=3), batch, cfg)
+    ref = make_model(tokenizer, seed=3)
+    batch = dmpo.prepare(model, ref, batch, cfg)
     assert batch.extra["log_rnd"].abs().min() > 0  # a different reference: non-uniform weights
     assert batch.extra["w_plus"].std() > 0.01 and batch.extra["weight"].abs().max() < 1e-6
-    assert all(g.abs().max() < 1e-7 for g in grads(dmpo.loss(model, batch, cfg)[0], model))
+    assert all(g.abs().max() < 1e-7 for g in grads(dmpo.loss(model, ref, batch, cfg)[0], model))
 
 
 def test_policy_equal_to_reference_gives_zero_log_rnd(tokenizer):
@@ -124,7 +125,7 @@ def test_one_hot_weights_reduce_wdce_to_masked_diffusion_sft(model, tokenizer):
     batch, cfg = prepared(model, tokenizer, baseline="none", num_replicates=2)
     j = 5
     batch.extra["weight"] = torch.nn.functional.one_hot(torch.tensor(j), len(batch)).float()
-    loss, _ = dmpo.loss(model, batch, cfg)
+    loss, _ = dmpo.loss(model, model, batch, cfg)
     L, P, mask_id = batch.completion.shape[1], batch.prompt_ids.shape[1], model.config.mask_token_id
     masks = dmpo.replicate_masks(batch.extra["loss_seeds"][j:j + 1, 0], L, 2)[0]
     want = 0.0
@@ -167,7 +168,7 @@ def test_gradient_flows_only_through_the_denoiser_and_replicates_are_linear(mode
     batch, cfg = prepared(model, tokenizer)
     for key in ("weight", "w_plus", "old_logp", "log_rnd"):
         assert not batch.extra[key].requires_grad and batch.extra[key].grad_fn is None
-    got = grads(dmpo.loss(model, batch, cfg)[0], model)
+    got = grads(dmpo.loss(model, model, batch, cfg)[0], model)
     assert any(g.abs().sum() > 0 for g in got)
     masks = dmpo.replicate_masks(batch.extra["loss_seeds"][:, 0], batch.completion.shape[1], 4)
     total = [torch.zeros_like(p) for p in model.parameters()]
@@ -187,10 +188,10 @@ def test_unbiased_baseline_sums_to_zero_and_needs_whole_groups(model, tokenizer)
     m = dmpo.replicate_masks(batch.extra["loss_seeds"][:, 0], batch.completion.shape[1], 4).sum(-1).clamp(min=1)
     b = dmpo._unbiased_baseline(batch, (batch.completion.shape[1] / m * logp.sum(-1)).mean(1))
     torch.testing.assert_close(torch.zeros(2).index_add(0, batch.group, b), torch.ones(2))
-    loss, _ = dmpo.loss(model, batch, cfg)
+    loss, _ = dmpo.loss(model, model, batch, cfg)
     assert math.isfinite(loss.item())
     with pytest.raises(ValueError, match="whole groups"):
-        dmpo.loss(model, batch.select(slice(0, 6)), cfg)
+        dmpo.loss(model, model, batch.select(slice(0, 6)), cfg)
 
 
 def test_ddo_loss_at_theta_old_on_shared_masks(model, tokenizer):
@@ -201,10 +202,10 @@ def test_ddo_loss_at_theta_old_on_shared_masks(model, tokenizer):
     batch.extra["old_logp"] = dmpo.log_prob_estimate(model, batch.prompt_ids, batch.prompt_mask, batch.completion,
                                                      seeds, 4)
     batch.extra["loss_seeds"][:, 0] = seeds
-    loss, _ = dmpo.loss(model, batch, cfg)
+    loss, _ = dmpo.loss(model, model, batch, cfg)
     want = math.log(2) * (batch.extra["w_plus"].mean().item() + 0.7)
     assert loss.item() == pytest.approx(want, rel=1e-5)
-    indep = dmpo.loss(model, batch, dmpo.Config(loss="ddo", ddo_alpha=0.7))[0]  # halves differ: not exactly at 0
+    indep = dmpo.loss(model, model, batch, dmpo.Config(loss="ddo", ddo_alpha=0.7))[0]  # halves differ: not exactly at 0
     assert math.isfinite(indep.item()) and indep.item() != pytest.approx(want, rel=1e-6)
 
 

@@ -45,7 +45,7 @@ def test_shared_seeds_ratio_one_and_first_step_loss(model, tokenizer):
     torch.testing.assert_close(batch.extra["old_elbo"], batch.extra["ref_elbo"])  # same model, same masks
     for n in range(3):
         batch.iteration = n
-        loss, metrics = espo.loss(model, batch, cfg)
+        loss, metrics = espo.loss(model, model, batch, cfg)
         assert metrics["ratio"] == pytest.approx(1.0, abs=1e-6) and metrics["clip_fraction"] == 0.0
         assert metrics["kl"] == pytest.approx(0.0, abs=1e-9)
         assert loss.item() == pytest.approx(-batch.extra["advantages"].mean().item(), abs=1e-6)
@@ -60,18 +60,18 @@ def test_gradient_at_ratio_one_is_reinforce_on_the_elbo_and_independent_of_epsil
     value = elbo(model, batch.prompt_ids, batch.prompt_mask, batch.completion, batch.extra["mask_seeds"][:, 0], 2)
     want = grads(-(batch.extra["advantages"] * value).sum() / (B * L), model)
     for eps in (0.2, 0.0):
-        got = grads(espo.loss(model, batch, espo.Config(num_iterations=1, beta=0.0, epsilon=eps))[0], model)
+        got = grads(espo.loss(model, model, batch, espo.Config(num_iterations=1, beta=0.0, epsilon=eps))[0], model)
         assert any(g.abs().sum() > 0 for g in got)
         for g, h in zip(got, want):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-8)
     batch.extra["advantages"] = espo.leave_one_out(torch.full((B,), 0.4), batch.group)
-    assert all((g == 0).all() for g in grads(espo.loss(model, batch, cfg)[0], model))
+    assert all((g == 0).all() for g in grads(espo.loss(model, model, batch, cfg)[0], model))
 
 
 def _grad_wrt_elbo(monkeypatch, model, batch, cfg, value):
     leaf = value.clone().requires_grad_(True)
     monkeypatch.setattr(espo, "elbo", lambda *a, **k: leaf)
-    loss, metrics = espo.loss(model, batch, cfg)
+    loss, metrics = espo.loss(model, model, batch, cfg)
     loss.backward()
     return loss, leaf.grad, metrics
 
@@ -95,7 +95,8 @@ def test_k2_kl_value_and_gradient(monkeypatch, model, tokenizer):
     batch, cfg = prepared(model, tokenizer, num_iterations=1, beta=0.5)
     B, L = len(batch), batch.completion.shape[1]
     batch.extra["advantages"] = torch.zeros(B)
-    assert all((g == 0).all() for g in grads(espo.loss(model, batch, cfg)[0], model))  # theta = ref: 0, no gradient
+    # theta = ref: 0, no gradient
+    assert all((g == 0).all() for g in grads(espo.loss(model, model, batch, cfg)[0], model))
     delta = torch.linspace(-3, 3, B)
     loss, grad, metrics = _grad_wrt_elbo(monkeypatch, model, batch, cfg, batch.extra["ref_elbo"][:, 0] + delta)
     assert loss.item() == pytest.approx(0.5 * (delta**2 / 2).sum().item() / (B * L), rel=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -32,20 +33,30 @@ def policy_ce(model, batch, cfg):
     return cfg.adv_clip / cfg.beta * ((ce * masked).sum(-1) / masked.sum(-1)).mean()
 
 
+def old_log_probs(ref, batch, cfg):
+    """[B K, L, V] theta_old's log-probs on the batch's states, as `loss` recomputes them from `ref`."""
+    with torch.no_grad():
+        return torch.log_softmax(lfpo._state_logits(ref, batch, batch.extra["state_step"]), -1)
+
+
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("beta", [1.0, 0.3])
 def test_value_at_theta_old_is_scaled_ce_whatever_r(model, tokenizer, mixing, beta):
-    batch, cfg = prepared(model, model, tokenizer, mixing=mixing, beta=beta)
-    want = policy_ce(model, batch, cfg).item()
-    for r in (batch.extra["r"], torch.zeros(len(batch)), torch.ones(len(batch))):
+    twin = copy.deepcopy(model)  # theta_old = theta, held in a separate module as in the loop
+    batch, cfg = prepared(model, twin, tokenizer, mixing=mixing, beta=beta)
+    want, sampled_r = policy_ce(model, batch, cfg).item(), batch.extra["r"]
+    for r in (sampled_r, torch.zeros(len(batch)), torch.ones(len(batch))):
         batch.extra["r"] = r
-        assert lfpo.loss(model, batch, cfg)[0].item() == pytest.approx(want, rel=1e-5)
+        assert lfpo.loss(model, twin, batch, cfg)[0].item() == pytest.approx(want, rel=1e-5)
+    batch.extra["r"] = sampled_r  # the old logits come from `ref`: another old model moves the value
+    assert lfpo.loss(model, make_model(tokenizer, seed=1), batch, cfg)[0].item() != pytest.approx(want, rel=1e-3)
 
 
-def _logit_grad(monkeypatch, model, batch, cfg, logits):
-    leaf = logits.clone().requires_grad_(True)
-    monkeypatch.setattr(lfpo, "_state_logits", lambda *a: leaf)
-    lfpo.loss(model, batch, cfg)[0].backward()
+def _logit_grad(monkeypatch, policy, ref, batch, cfg, logits):
+    """d loss / d z_theta at z_theta = `logits` (the policy's logits replaced by a leaf; ref's are its own)."""
+    leaf, real = logits.clone().requires_grad_(True), lfpo._state_logits
+    monkeypatch.setattr(lfpo, "_state_logits", lambda model, *a: leaf if model is policy else real(model, *a))
+    lfpo.loss(policy, ref, batch, cfg)[0].backward()
     monkeypatch.undo()
     return leaf.grad
 
@@ -53,10 +64,11 @@ def _logit_grad(monkeypatch, model, batch, cfg, logits):
 @pytest.mark.parametrize("mixing", MIXINGS)
 def test_gradient_at_theta_old_is_the_advantage_weighted_ce_gradient(monkeypatch, model, tokenizer, mixing):
     """d loss / d z_theta = (c / beta) beta (2r - 1)(p_old - e_y) / (|M| B K) at each masked position; beta cancels."""
-    batch, cfg = prepared(model, model, tokenizer, mixing=mixing, beta=0.5)
+    policy = make_model(tokenizer, seed=1)  # its logits are replaced by theta_old's: theta = theta_old in logit space
+    batch, cfg = prepared(policy, model, tokenizer, mixing=mixing, beta=0.5)
     B, K = len(batch), cfg.num_states
-    old = batch.extra["old_logp"].flatten(0, 1)
-    grad = _logit_grad(monkeypatch, model, batch, cfg, old)
+    old = old_log_probs(model, batch, cfg)
+    grad = _logit_grad(monkeypatch, policy, model, batch, cfg, old)
     target = torch.nn.functional.one_hot(batch.completion.repeat_interleave(K, 0), old.shape[-1]).float()
     masked = (batch.unmask_step.repeat_interleave(K, 0) >= batch.extra["state_step"].flatten()[:, None]).float()
     r = batch.extra["r"].repeat_interleave(K)[:, None, None]
@@ -67,17 +79,22 @@ def test_gradient_at_theta_old_is_the_advantage_weighted_ce_gradient(monkeypatch
 
 @pytest.mark.parametrize("mixing", MIXINGS)
 def test_r_one_half_gives_zero_gradient_at_theta_old_and_a_restoring_force_away(monkeypatch, model, tokenizer, mixing):
-    batch, cfg = prepared(model, model, tokenizer, mixing=mixing)
-    signal = max(g.abs().max() for g in torch.autograd.grad(lfpo.loss(model, batch, cfg)[0], list(model.parameters())))
+    twin = copy.deepcopy(model)
+    batch, cfg = prepared(model, twin, tokenizer, mixing=mixing)
+    def largest_gradient():
+        return max(g.abs().max() for g in torch.autograd.grad(lfpo.loss(model, twin, batch, cfg)[0],
+                                                              list(model.parameters())))
+
+    signal = largest_gradient()
     batch.extra["r"] = torch.full((len(batch),), 0.5)
-    half = max(g.abs().max() for g in torch.autograd.grad(lfpo.loss(model, batch, cfg)[0], list(model.parameters())))
+    half = largest_gradient()
     assert signal > 1 and half < 1e-6 * signal  # zero up to float rounding
     # Away from theta_old, g . delta >= 0 at every position (pulled back to old): for any delta in logit space
     # (log-sum-exp is convex), only for small delta in probability space (at delta ~ N(0, 0.5^2) about 9% of
     # positions are pushed away there, measured on a toy).
-    old = batch.extra["old_logp"].flatten(0, 1)
+    old = old_log_probs(twin, batch, cfg)
     delta = (0.5 if mixing == "logit" else 0.01) * torch.randn(old.shape, generator=torch.Generator().manual_seed(0))
-    grad = _logit_grad(monkeypatch, model, batch, cfg, old + delta)
+    grad = _logit_grad(monkeypatch, model, twin, batch, cfg, old + delta)
     along = torch.where(torch.isfinite(old), grad * delta, 0).sum(-1)
     assert (along >= -1e-6 * along.abs().max()).all() and along.sum() > 0
 
@@ -86,7 +103,7 @@ def test_beta_one_and_r_one_is_masked_diffusion_sft_on_the_trajectories(tokenize
     policy, old = make_model(tokenizer, seed=0), make_model(tokenizer, seed=1)  # the old policy plays no part
     batch, cfg = prepared(policy, old, tokenizer, beta=1.0)
     batch.extra["r"] = torch.ones(len(batch))
-    loss = lfpo.loss(policy, batch, cfg)[0]
+    loss = lfpo.loss(policy, old, batch, cfg)[0]
     sft = policy_ce(policy, batch, cfg)
     assert loss.item() == pytest.approx(sft.item(), rel=1e-6)
     for g, want in zip(torch.autograd.grad(loss, list(policy.parameters())),
@@ -184,17 +201,20 @@ def test_states_are_the_sampler_states_rebuilt_from_tokens_and_unmask_steps(mode
     states = []
     generate(model, batch.prompt_ids, batch.prompt_mask, SamplerConfig(temperature=1.0).resolve(task),
              torch.Generator().manual_seed(0), on_step=lambda step, x: states.append(x[:, P:]))
-    inputs = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["input_ids"]), with_kwargs=True)
-    try:
-        batch = lfpo.prepare(model, model, batch, lfpo.Config(num_states=3))
-    finally:
-        hook.remove()
+    policy, old, inputs = copy.deepcopy(model), copy.deepcopy(model), {}
+    for name, m in (("policy", policy), ("old", old)):
+        m.register_forward_pre_hook(lambda m, a, kw, name=name: inputs.setdefault(name, []).append(kw["input_ids"]),
+                                    with_kwargs=True)
+    cfg = lfpo.Config(num_states=3)
+    batch = lfpo.prepare(policy, old, batch, cfg)
+    assert inputs == {}  # prepare runs no forward: theta_old's logits are recomputed in `loss`
+    lfpo.loss(policy, old, batch, cfg)
+    assert len(inputs["policy"]) == len(inputs["old"]) == 1  # one pass each on the micro-batch's K states
     t = batch.extra["state_step"]
-    fed = inputs[0][:, P:].unflatten(0, t.shape)
-    for i in range(len(batch)):
-        for k in range(3):
-            assert torch.equal(fed[i, k], states[int(t[i, k])][i])
+    for fed in (inputs["policy"][0][:, P:].unflatten(0, t.shape), inputs["old"][0][:, P:].unflatten(0, t.shape)):
+        for i in range(len(batch)):
+            for k in range(3):
+                assert torch.equal(fed[i, k], states[int(t[i, k])][i])
 
 
 def test_bad_choice_names_the_options():
