@@ -7,6 +7,7 @@ here and nowhere else, so samplers and estimators index positions the same way f
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -54,15 +55,21 @@ def is_shifted(config) -> bool:
 
 
 def token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 start: int = 0) -> torch.Tensor:
-    """fp32 logits [B, S - start, V] where row j predicts token `start + j`, for either family.
+                 start: int = 0, end: int | None = None, **model_kwargs) -> torch.Tensor:
+    """fp32 logits [B, end - start, V] where row j predicts token `start + j`, for either family.
 
+    Only those positions go through the LM head when the model accepts transformers' `logits_to_keep`
+    (the tiny model does). `model_kwargs` go to the forward (e.g. the sampler's K/V cache).
     The mask token is given probability zero: every sampler and estimator scores real tokens only.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    if is_shifted(model.config):
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    logits = logits[:, start:].float()
+    end = input_ids.shape[1] if end is None else end
+    # the model output that carries token j: j itself, or j - 1 for shifted (Dream) models (token 0: output 0)
+    keep = (torch.arange(start, end, device=input_ids.device) - int(is_shifted(model.config))).clamp(min=0)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[:, keep]
+    logits = logits.float()
     mask_id = model.config.mask_token_id
     return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 
