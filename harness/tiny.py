@@ -15,8 +15,9 @@ the shift in one place (`harness.model.token_logits`), so tests can exercise bot
 
 Two optional forward arguments serve the sampler (`harness.sampler`); without them the forward is the plain
 full-sequence pass:
-  logits_to_keep  1-D positions whose logits are returned (transformers' convention): the LM head runs on
-                  those positions only, e.g. the block being decoded.
+  logits_to_keep  1-D positions whose logits are returned (transformers' convention): the last layer's
+                  queries, output projection and MLP and the LM head run on those positions only (every
+                  position still supplies keys and values), e.g. the block being decoded.
   canvas_cache    Fast-dLLM's block-wise K/V cache over a fixed-length canvas. An empty list: `input_ids` is
                   the whole canvas and the list is filled with one (key, value) pair [B, H, S, D] per layer.
                   A filled list: `input_ids` are canvas positions [cache_offset, cache_offset + q) and
@@ -94,10 +95,15 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, cache: list | None = None, offset: int = 0):
+    def forward(self, x, cos, sin, key_mask, cache: list | None = None, offset: int = 0,
+                keep: torch.Tensor | None = None):
+        """`keep`: return only these positions; every position still supplies keys and values."""
         b, s, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k = rotate(k, cos, sin)
+        if keep is not None:
+            x, q, cos, sin = x[:, keep], q[:, :, keep], cos[:, :, keep], sin[:, :, keep]
+        q = rotate(q, cos, sin)
         if cache is not None:  # cache = [key, value] of the whole canvas: write this slice, attend over all of it
             if len(cache) == 0:
                 cache.extend((k.contiguous(), v.contiguous()))
@@ -107,7 +113,7 @@ class Block(nn.Module):
                 k, v = cache
         # Bidirectional: no causal mask, only padded keys are hidden.
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        x = x + self.out(a.transpose(1, 2).reshape(b, s, d))
+        x = x + self.out(a.transpose(1, 2).reshape(b, q.shape[2], d))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -156,13 +162,13 @@ class TinyMDLM(PreTrainedModel):
         key_mask = attention_mask.bool()[:, None, None, :]
         if canvas_cache is not None and not canvas_cache:
             canvas_cache.extend([] for _ in self.blocks)
+        if logits_to_keep is not None and self.config.shift_logits:  # the shift below, on the kept positions
+            logits_to_keep = (logits_to_keep + 1).clamp(max=input_ids.shape[1] - 1)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, key_mask, None if canvas_cache is None else canvas_cache[i], cache_offset)
-        if logits_to_keep is not None:
-            if self.config.shift_logits:  # the shift below, applied to the kept positions
-                logits_to_keep = (logits_to_keep + 1).clamp(max=x.shape[1] - 1)
-            x = x[:, logits_to_keep]
+            last = i == len(self.blocks) - 1  # its outputs feed only the head: computed where logits are kept
+            x = block(x, cos, sin, key_mask, None if canvas_cache is None else canvas_cache[i], cache_offset,
+                      logits_to_keep if last else None)
         logits = self.lm_head(self.norm(x))
         if self.config.shift_logits and logits_to_keep is None:
             # Dream convention: position j-1 carries the prediction for token j
