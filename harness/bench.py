@@ -79,8 +79,6 @@ class BenchConfig:
     """completion length of the long-canvas workload (one token per step)"""
     long_block: int = 16
     """block length of the long-canvas workload"""
-    long_batch: int = 32
-    """rows per sampler call on the long canvas"""
     eval_limit: int = 0
     """test items of the equal-accuracy figure; 0 = the whole test split"""
     train_steps: int = 5
@@ -152,7 +150,7 @@ def equal_steps(model, tokenizer, task, cfg: BenchConfig) -> pd.DataFrame:
     rl = TrainConfig()
     workloads = {  # name: prompts, copies of each, completion length, block length, temperature
         "task": (cfg.batch, 1, task.GEN_LENGTH, task.BLOCK_LENGTH, 0.0),
-        "long": (cfg.long_batch, 1, cfg.long_length, cfg.long_block, 0.0),
+        "long": (cfg.batch, 1, cfg.long_length, cfg.long_block, 0.0),
         "rollout": (rl.prompts_per_step, rl.group_size, task.GEN_LENGTH, task.BLOCK_LENGTH, rl.sampler.temperature),
     }
     rows = []

@@ -25,12 +25,13 @@ a row's steps are 0..nfe-1 and each commits at least one token.
 Exact and approximate modes:
   cache="none" (default)  exact: the tokens of LLaDA's generate() at temperature 0 in fp32 (the re-implementation
                           in harness/reference.py; tested). Every step encodes the whole canvas as there; the
-                          speed comes from engineering only: the LM head, the softmaxes and the selection run on
-                          the blocks being decoded, selection is batched (no per-row loop), rows that have
-                          finished leave the batch, nothing is float64. Random draws keep their full shapes, so a
-                          seed gives the samples it always gave. The records are the same numbers up to the
-                          rounding of matrix kernels chosen by shape (bit-identical once >= 12 positions go
-                          through the head on this machine's MKL; otherwise within ~2e-6).
+                          speed comes from engineering only: the softmaxes and the selection (and, for models
+                          that take `logits_to_keep` like harness/tiny.py, the LM head and the last layer's
+                          queries and MLP) run on the masked positions of the current blocks only,
+                          selection is batched (no per-row loop), rows that have finished leave the batch,
+                          nothing is float64. Random draws keep their full shapes, so a seed gives the samples
+                          it always gave. Recorded log-probs and entropies equal a full-canvas recomputation up
+                          to the rounding of kernels run on other shapes (~1e-6).
   cache="prefix"|"dual"   approximate (Fast-dLLM's block-wise K/V cache): one full pass at the start of each
                           block caches every position's keys and values; the block's other steps encode only the
                           block and the suffix ("prefix") or only the block ("dual"). The whole batch decodes one
@@ -113,7 +114,7 @@ class Trajectory:
     """What one call of `generate` returns; every tensor has the batch as its first dimension."""
 
     completion: torch.Tensor  # [B, L] long   final tokens
-    unmask_step: torch.Tensor  # [B, L] long  step at which each position was committed (0-based)
+    unmask_step: torch.Tensor  # [B, L] long  the row's step (0-based) at which each position was committed
     logp: torch.Tensor  # [B, L] float        log-prob of the committed token under the sampling distribution
     entropy: torch.Tensor  # [B, L] float     entropy of the sampling distribution at commit time
     nfe: torch.Tensor  # [B] long             forward passes that committed something in this row (= T_i)
@@ -154,7 +155,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sa
     for s, k in enumerate(quotas):
         quota_by_done[sum(quotas[:s])] = k
     gamma = torch.as_tensor(cfg.eb_gamma if eb_gamma is None else eb_gamma, device=dev).reshape(-1, 1).expand(B, 1)
-    cache = _Cache(model, x, attention, cfg.cache, P) if cached else None
+    cache = _Cache(model, x, attention, cfg.cache, P, block) if cached else None
 
     step = 0
     while (masked := unmask_step < 0).any():
@@ -165,45 +166,45 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sa
             current = torch.where(current == n_blocks, n_blocks, current.min())
         eligible = masked & (block_of[None, :] == current[:, None])
         rows = eligible.any(1).nonzero().squeeze(1)  # only rows with something to commit are run
-        lo, hi = int(current[rows].min()) * block, (int(current[rows].max()) + 1) * block  # the blocks in play
+        # each row's eligible positions in order, padded to the longest row with its first one
+        n_eligible = eligible[rows].sum(1)
+        order = eligible[rows].byte().argsort(dim=1, descending=True, stable=True)[:, :int(n_eligible.max())]
+        valid = torch.arange(order.shape[1], device=dev) < n_eligible[:, None]
+        pos = torch.where(valid, order, order[:, :1])  # [A, k]
         if cached:
-            logits = cache.logits(rows, lo, hi)
-        else:
-            logits = token_logits(model, x[rows], attention[rows], start=P + lo, end=P + hi)  # [A, W, V]
+            logits = cache.logits(rows, pos, int(current[rows[0]]) * block)
+        else:  # only the eligible positions go through the last layer and the head
+            logits = token_logits(model, x[rows], attention[rows], positions=P + pos)  # [A, k, V]
         # Random draws keep their full shapes, so a seed gives the same samples whatever rows are run.
         if cfg.temperature > 0:
-            u = torch.rand((B, L, logits.shape[-1]), generator=generator, device=dev)[rows, lo:hi].clamp_(min=1e-20)
-            candidate = (logits / cfg.temperature - torch.log(-torch.log(u))).argmax(-1)
+            u = torch.rand((B, L, logits.shape[-1]), generator=generator, device=dev)[rows[:, None], pos]
+            candidate = (logits / cfg.temperature - torch.log(-torch.log(u.clamp_(min=1e-20)))).argmax(-1)
         else:
             candidate = logits.argmax(-1)
         log_q = log_policy(logits, cfg.temperature)
         token_logp = log_q.gather(-1, candidate[..., None]).squeeze(-1)
         token_entropy = torch.special.entr(log_q.exp()).sum(-1)
         confidence = torch.softmax(logits, dim=-1).gather(-1, candidate[..., None]).squeeze(-1)
-        allowed = eligible[rows, lo:hi]
 
         if cfg.decoding == "steps":
             noise = torch.rand(B, L, generator=generator, device=dev)  # drawn every step (the seed's stream)
             score = {"low_confidence": confidence, "entropy": -token_entropy,
-                     "random": noise[rows, lo:hi]}[cfg.remasking]
-            count = quota_by_done[block - allowed.sum(1)]
+                     "random": noise[rows[:, None], pos]}[cfg.remasking]
+            count = quota_by_done[block - n_eligible]
         elif cfg.decoding == "threshold":
             score = confidence
-            count = ((confidence >= cfg.threshold) & allowed).sum(1).clamp(min=1)
+            count = ((confidence >= cfg.threshold) & valid).sum(1).clamp(min=1)
         else:  # eb: sorted ascending by entropy, keep k while the entropies before the k-th sum to <= gamma
             score = -token_entropy
-            sorted_h = torch.where(allowed, token_entropy, torch.inf).sort(dim=1, stable=True).values
+            sorted_h = torch.where(valid, token_entropy, torch.inf).sort(dim=1, stable=True).values
             before = torch.cumsum(sorted_h, dim=1) - sorted_h
             count = ((before <= gamma[rows]) & torch.isfinite(sorted_h)).sum(1).clamp(min=1)
-        rank = _rank(torch.where(allowed, score, -torch.inf))
-        commit = allowed & (rank < count[:, None])
-
-        window = x[rows, P + lo:P + hi]
-        x[rows, P + lo:P + hi] = torch.where(commit, candidate, window)
-        at = commit.nonzero(as_tuple=True)
-        row, pos = rows[at[0]], at[1] + lo
-        unmask_step[row, pos] = nfe[row]  # the row's own step count: each row's steps are 0..nfe-1
-        logp[row, pos], entropy[row, pos] = token_logp[at], token_entropy[at]
+        rank = _rank(torch.where(valid, score, -torch.inf))  # ties: the earlier position first
+        at = (valid & (rank < count[:, None])).nonzero(as_tuple=True)
+        row, col = rows[at[0]], pos[at]
+        x[row, P + col] = candidate[at]
+        unmask_step[row, col] = nfe[row]  # the row's own step count: each row's steps are 0..nfe-1
+        logp[row, col], entropy[row, col] = token_logp[at], token_entropy[at]
         nfe[rows] += 1
         step += 1
     return Trajectory(x[:, P:], unmask_step, logp, entropy, nfe, step)
@@ -226,23 +227,25 @@ class _Cache:
     cache when they finish the block and return at the next block's full pass.
     """
 
-    def __init__(self, model, x, attention, mode: str, prompt_length: int):
-        self.model, self.x, self.attention, self.mode, self.P = model, x, attention, mode, prompt_length
+    def __init__(self, model, x, attention, mode: str, prompt_length: int, block_length: int):
+        self.model, self.x, self.attention, self.mode = model, x, attention, mode
+        self.P, self.block_length = prompt_length, block_length
         self.shift = int(is_shifted(model.config))
         self.kv, self.rows, self.block = None, None, None
 
-    def logits(self, rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def logits(self, rows: torch.Tensor, pos: torch.Tensor, block_start: int) -> torch.Tensor:
+        """Logits [A, k, V] at completion positions `pos` [A, k] of `rows`, all in the block at `block_start`."""
         P, x, attention = self.P, self.x, self.attention
-        if self.block != lo:  # a new block: one full pass fills the cache
-            self.block, self.rows, self.kv = lo, rows, []
-            return token_logits(self.model, x[rows], attention[rows], start=P + lo, end=P + hi, canvas_cache=self.kv)
+        if self.block != block_start:  # a new block: one full pass fills the cache
+            self.block, self.rows, self.kv = block_start, rows, []
+            return token_logits(self.model, x[rows], attention[rows], positions=P + pos, canvas_cache=self.kv)
         if len(rows) < len(self.rows):  # rows that finished the block leave the cache
             keep = torch.isin(self.rows, rows)
             self.kv, self.rows = [[t[keep] for t in layer] for layer in self.kv], rows
-        first = max(P + lo - self.shift, 0)  # a shifted model reads token j from position j - 1
-        last = P + hi if self.mode == "dual" else x.shape[1]
-        return token_logits(self.model, x[rows, first:last], attention[rows], start=P + lo - first,
-                            end=P + hi - first, canvas_cache=self.kv, cache_offset=first)
+        first = max(P + block_start - self.shift, 0)  # a shifted model reads token j from position j - 1
+        last = P + block_start + self.block_length if self.mode == "dual" else x.shape[1]
+        return token_logits(self.model, x[rows, first:last], attention[rows], positions=P + pos - first,
+                            canvas_cache=self.kv, cache_offset=first)
 
 
 def _rank(score: torch.Tensor) -> torch.Tensor:

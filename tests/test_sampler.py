@@ -193,6 +193,9 @@ def test_logits_to_keep_and_canvas_cache_reproduce_the_full_pass(tokenizer, shif
     attention = torch.cat([mask.long(), torch.ones(len(ids), 12, dtype=torch.long)], 1)
     with torch.no_grad():
         full = token_logits(m, x, attention, start=P)
+        pos = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(i))[:5] for i in range(len(x))])
+        torch.testing.assert_close(token_logits(m, x, attention, positions=P + pos),  # per-row positions
+                                   full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1])), rtol=0, atol=1e-5)
         cache = []
         torch.testing.assert_close(token_logits(m, x, attention, start=P + 4, end=P + 8, canvas_cache=cache),
                                    full[:, 4:8], rtol=0, atol=1e-5)

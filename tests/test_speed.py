@@ -30,8 +30,7 @@ def test_flop_count_includes_attention_and_pins_the_formula():
 def bench_out(trained_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("perf")
     table = bench.main(["--model", str(trained_dir), "--out", str(out), "--task", "sudoku", "--threads", "1",
-                        "--repeats", "1", "--batch", "8", "--long_length", "8", "--long_block", "4",
-                        "--long_batch", "2", "--eval_limit", "12", "--train_steps", "1"])
+                        "--repeats", "1", "--batch", "8", "--long_length", "8", "--long_block", "4", "--eval_limit", "12", "--train_steps", "1"])
     return out, table
 
 
