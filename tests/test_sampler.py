@@ -167,10 +167,11 @@ def test_exact_mode_gives_the_reference_tokens_at_temperature_zero(model, tokeni
         assert torch.equal(ours.completion, theirs[:, ids.shape[1]:])
 
 
-def test_rows_do_not_depend_on_the_batch(model, tokenizer):
-    """Finished rows leave the batch early: each row decodes as it would alone."""
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_rows_do_not_depend_on_the_batch(model, tokenizer, cache):
+    """Finished rows leave the batch (and the cache) early: each row decodes as it would alone."""
     ids, mask = mixed_prompts(tokenizer)
-    cfg = replace(CFG, decoding="eb", temperature=0.0)
+    cfg = replace(CFG, decoding="eb", temperature=0.0, cache=cache)
     gamma = torch.tensor([0.0, 4.0, float("inf")]).repeat(2)
     together = generate(model, ids, mask, cfg, eb_gamma=gamma)
     assert together.nfe.unique().numel() == 3  # rows finish at different steps
