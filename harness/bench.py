@@ -116,12 +116,13 @@ class Peak:
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function over `repeats` rounds, one call of each per round, after a warm-up round."""
+    """Seconds per call of each function over `repeats` rounds, one call of each per round, after a warm-up
+    round; every other round runs them in reverse order, so that a drifting load favours none."""
     times = {name: [] for name in fns}
     for r in range(repeats + 1):
-        for name, fn in fns.items():
+        for name in (list(fns) if r % 2 else list(fns)[::-1]):
             start = time.perf_counter()
-            fn()
+            fns[name]()
             if r:
                 times[name].append(time.perf_counter() - start)
     return times
@@ -357,8 +358,8 @@ def summary(steps: pd.DataFrame, acc: pd.DataFrame, fwd: pd.DataFrame, alloc: pd
         rows.append((f"forward fraction of fp32 peak ({r.model})", r.shape, f"{r.peak_fraction:.0%}", "≥65%",
                      r.peak_fraction >= TARGETS["forward"]))
     a = alloc.iloc[0]
-    rows.append(("allocator settings (harness/__init__.py) vs glibc's default", f"{a.passes} forward passes of "
-                 f"B{a.batch} x L{a.length}, separate processes", f"{a.speedup:.2f}x", "", None))
+    rows.append(("allocator settings (harness/__init__.py) vs glibc's default", f"{a.passes:.0f} forward passes of "
+                 f"B{a.batch:.0f} x L{a.length:.0f}, separate processes", f"{a.speedup:.2f}x", "", None))
     for r in (rl.itertuples() if rl is not None else []):
         rows.append((f"RL step {r.method}: rollout / scoring / update", f"{r.step_seconds:.2f} s per step",
                      f"{r.rollout_share:.0%} / {r.scoring_share:.0%} / {r.update_share:.0%}", "rollout ≤50%",
