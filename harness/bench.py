@@ -403,7 +403,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out, task = Path(cfg.out), benchmarks.get(cfg.task)
     model_dir = resolve_model(cfg)
     model, tokenizer = load(model_dir)
-    load_before = os.getloadavg()
+    load_before, started = os.getloadavg(), time.time()
+    if load_before[0] + cfg.threads > os.cpu_count() + 0.5:
+        print(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} CPUs: other processes compete for the "
+              f"cores. Ratios hold up better than absolute times; with more threads than free cores OpenMP "
+              f"collapses (try --threads 1, or rerun on a quiet machine)", flush=True)
     steps = equal_steps(model, tokenizer, task, cfg)
     frontier, acc = equal_accuracy(model, tokenizer, task, cfg)
     fwd = forward(model, tokenizer, cfg)
@@ -420,9 +424,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     runs.write_json(out / "run.json", {
         "config": asdict(cfg), "model": str(model_dir), "threads": torch.get_num_threads(),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
+        "minutes": round((time.time() - started) / 60, 2),
         "processor": platform.processor() or platform.machine(), "provenance": runs.provenance()})
-    print(f"\nload average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
-          f"{cfg.threads} threads; files in {out}/\n")
+    print(f"\n{(time.time() - started) / 60:.1f} min; load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs, {cfg.threads} threads; files in {out}/\n")
     print(table.to_markdown(index=False))
     return table
 

@@ -15,10 +15,10 @@ the shift in one place (`harness.model.token_logits`), so tests can exercise bot
 
 Two optional forward arguments serve the sampler (`harness.sampler`); without them the forward is the plain
 full-sequence pass:
-  logits_to_keep  positions whose logits are returned: 1-D, the same for every row (transformers'
-                  convention), or [B, k], k per row. The last layer's queries, output projection and MLP
-                  and the LM head run on those positions only (every position still supplies keys and
-                  values), e.g. the masked positions of the block being decoded.
+  logits_to_keep  1-D positions whose logits are returned (transformers' convention): the last layer's
+                  queries, output projection and MLP and the LM head run on those positions only (every
+                  position still supplies keys and values), e.g. the masked positions of the block being
+                  decoded.
   canvas_cache    Fast-dLLM's block-wise K/V cache over a fixed-length canvas. An empty list: `input_ids` is
                   the whole canvas and the list is filled with one (key, value) pair [B, H, S, D] per layer.
                   A filled list: `input_ids` are canvas positions [cache_offset, cache_offset + q) and
@@ -98,14 +98,12 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, key_mask, cache: list | None = None, offset: int = 0,
                 keep: torch.Tensor | None = None):
-        """`keep` [B, k]: return only these positions of each row; every position still supplies keys and values."""
+        """`keep`: return only these positions; every position still supplies keys and values."""
         b, s, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         k = rotate(k, cos, sin)
         if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, d))
-            at = keep[:, None, :, None]
-            q, cos, sin = (t.gather(2, at.expand(-1, t.shape[1], -1, t.shape[3])) for t in (q, cos, sin))
+            x, q, cos, sin = x[:, keep], q[:, :, keep], cos[:, :, keep], sin[:, :, keep]
         q = rotate(q, cos, sin)
         if cache is not None:  # cache = [key, value] of the whole canvas: write this slice, attend over all of it
             if len(cache) == 0:
@@ -165,10 +163,8 @@ class TinyMDLM(PreTrainedModel):
         key_mask = attention_mask.bool()[:, None, None, :]
         if canvas_cache is not None and not canvas_cache:
             canvas_cache.extend([] for _ in self.blocks)
-        if logits_to_keep is not None:
-            logits_to_keep = logits_to_keep.expand(input_ids.shape[0], -1)
-            if self.config.shift_logits:  # the shift below, on the kept positions
-                logits_to_keep = (logits_to_keep + 1).clamp(max=input_ids.shape[1] - 1)
+        if logits_to_keep is not None and self.config.shift_logits:  # the shift below, on the kept positions
+            logits_to_keep = (logits_to_keep + 1).clamp(max=input_ids.shape[1] - 1)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1  # its outputs feed only the head: computed where logits are kept
