@@ -279,7 +279,8 @@ def rl_step(model_dir: Path, cfg: BenchConfig) -> pd.DataFrame:
             train(TrainConfig(algo=name, task=cfg.task, model=str(model_dir), out=tmp, steps=cfg.train_steps,
                               eval_every=10**9, eval_limit=8, save_every=10**9, threads=cfg.threads))
             steps = [r for r in runs.read_metrics(Path(tmp) / "metrics.jsonl") if r["step"] > 0]
-        share = {p: statistics.median(r[f"time/{p}"] / r["time/step"] for r in steps) for p in ("rollout", "scoring", "update")}
+        total = sum(r["time/step"] for r in steps)  # shares of the summed step time, so they add up to 1
+        share = {p: sum(r[f"time/{p}"] for r in steps) / total for p in ("rollout", "scoring", "update")}
         rows.append({"method": name, "steps": len(steps), "step_seconds": statistics.median(r["time/step"] for r in steps),
                      **{f"{p}_share": v for p, v in share.items()},
                      **{f"forward_{p}": steps[-1][f"forward/{p}"] for p in ("rollout", "scoring", "training")}})

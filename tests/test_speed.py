@@ -70,5 +70,5 @@ def test_rl_step_covers_every_method(bench_out):
     rl = pd.read_csv(bench_out[0] / "rl_step.csv")
     assert sorted(rl.method) == sorted(algorithms.ALGORITHMS)
     shares = rl[["rollout_share", "scoring_share", "update_share"]]
-    assert ((shares >= 0) & (shares <= 1)).all().all() and (shares.sum(axis=1) <= 1 + 1e-9).all()
+    assert ((shares >= 0) & (shares <= 1)).all().all() and (shares.sum(axis=1) - 1).abs().max() < 1e-5  # CSVs keep 6 digits
     assert (rl.forward_rollout > 0).all()
