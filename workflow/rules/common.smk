@@ -63,8 +63,8 @@ def flags(options, prefix="--"):
 
 
 def train_flags(wildcards):
-    snapshots = f" --snapshot_every {config['lm_eval']['snapshot_every']}" if LM_EVAL else ""
-    return flags(config["train"]) + snapshots + " " + flags(config["algo_args"].get(wildcards.algo, {}), "--algo.")
+    shared = {**config["train"], **({"snapshot_every": config["lm_eval"]["snapshot_every"]} if LM_EVAL else {})}
+    return f'{flags(shared)} {flags(config["algo_args"].get(wildcards.algo, {}), "--algo.")}'
 
 
 def eval_tasks(task, step):

@@ -56,7 +56,7 @@ rule lm_eval_base:
         f"{BASE}/eval/step0.timing.tsv"
     params:
         harness=HARNESS,
-        model=BASE,
+        model=lambda w, input: Path(input[0]).parent,
         tasks=",".join(dict.fromkeys(TASKS + config["lm_eval"]["tasks"])),
         limit=config["lm_eval"]["limit"],
     threads: 1
@@ -78,7 +78,7 @@ rule lm_eval_base_frontier:
         f"{BASE}/eval/eb{{gamma}}.timing.tsv"
     params:
         harness=HARNESS,
-        model=BASE,
+        model=lambda w, input: Path(input[0]).parent,
         tasks=",".join(TASKS),
         limit=config["lm_eval"]["limit"],
     threads: 1

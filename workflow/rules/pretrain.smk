@@ -10,7 +10,7 @@ rule pretrain:
         f"{BASE}/timing.tsv"
     params:
         harness=HARNESS,
-        out=BASE,
+        out=lambda w, output: Path(output[0]).parent,
         args=flags(config["pretrain"]),
     threads: 1  # fixed: the exact base depends on the float summation order (PretrainConfig.threads)
     resources:

@@ -14,8 +14,8 @@ rule train:
         f"{RUN}/timing.tsv"
     params:
         harness=HARNESS,
-        base=BASE,
-        run=RUN,
+        base=lambda w, input: Path(input[0]).parent,
+        run=lambda w, output: Path(output.metrics).parent,
         args=train_flags,
     threads: 1
     resources:
