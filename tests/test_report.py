@@ -1,6 +1,7 @@
 """Tables and figures from a small synthetic results/summary.csv, and aggregation from synthetic run folders."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -159,3 +160,15 @@ def test_aggregate_reads_only_run_folders(tmp_path):
     assert set(rows.profile) == {"p"} and set(rows.task) == {"arithmetic"} and set(rows[rows.algo == "d1"].seed) == {1}
     with pytest.raises(ValueError, match="not inside a run folder"):
         aggregate.aggregate([str(tmp_path / "elsewhere/metrics.jsonl")], ["arithmetic"])
+
+
+def test_both_paper_sources_include_every_generated_table_and_figure():
+    """main.md (HTML build) and main.tex (LaTeX build) are kept in step: the same tables and figures."""
+    smk = (ROOT / "workflow/rules/common.smk").read_text()
+    tables_, figures_ = (set(re.search(rf'^{name} = \[(.*)\]$', smk, re.M)[1].replace('"', "").split(", "))
+                         for name in ("TABLES", "FIGURES"))
+    md, tex = (ROOT / "paper/main.md").read_text(), (ROOT / "paper/main.tex").read_text()
+    assert set(re.findall(r"<!-- include tables/(\w+)\.md -->", md)) == tables_
+    assert set(re.findall(r"\]\(figures/(\w+)\.png\)", md)) == figures_
+    assert set(re.findall(r"\\generated\{(\w+)\}", tex)) == tables_
+    assert set(re.findall(r"\\plot\{(\w+)\}", tex)) == figures_
