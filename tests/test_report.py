@@ -35,9 +35,11 @@ def synthetic_summary(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, 
         for m in ("reward", "accuracy"):
             add(task, "base", 0, 0, f"pretrain/{m}", 0.3)
         add(task, "base", 0, 0, "pretrain/minutes", 2.5)
+        add(task, "base", 0, 0, "bench/cpu_time", 160.0)
+        add(task, "base", 0, 0, "lm_eval/gsm8k/exact_match/flexible-extract", 0.0)
         for g, frac in (("0.1", 0.8), ("10.0", 0.3)):
             add(task, "base", 0, 0, f"lm_eval_eb{g}/{task}/reward", 0.3 - 0.1 * (frac < 0.5))
-            add(task, "base", 0, 0, f"lm_eval_eb{g}/{task}/nfe", frac * nfe)
+            add(task, "base", 0, 0, f"lm_eval_eb{g}/{task}/nfe_mean", frac * nfe)
         for i, algo in enumerate(methods):
             for seed in range(seeds):
                 for step in range(steps + 1):
@@ -58,9 +60,12 @@ def synthetic_summary(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, 
                             add(task, algo, seed, step, "eval_own/nfe", nfe / 2)
                 add(task, algo, seed, steps, "bench/s", 30 + i)
                 add(task, algo, seed, steps, "bench/max_rss", 500 + 10 * i)
+                add(task, algo, seed, steps, "bench/cpu_time", 20 + i + seed)
+                add(task, algo, seed, steps, "lm_eval/gsm8k/exact_match/flexible-extract", 0.01 * i)
+                add(task, algo, seed, steps, "lm_eval/gsm8k/seconds", 3.0)
                 for g, frac in (("0.1", 0.8), ("10.0", 0.3)):
                     add(task, algo, seed, steps, f"lm_eval_eb{g}/{task}/reward", reward - 0.1 * (frac < 0.5))
-                    add(task, algo, seed, steps, f"lm_eval_eb{g}/{task}/nfe", frac * nfe)
+                    add(task, algo, seed, steps, f"lm_eval_eb{g}/{task}/nfe_mean", frac * nfe)
     return pd.DataFrame(rows)
 
 
@@ -94,6 +99,9 @@ def test_compute_table_sums_forward_passes_and_time_per_run(summary_csv):
     assert table.loc[("arithmetic", "d1 (diffu-GRPO)"), "forward passes"] == str(8 * (8 + 2 + 12))
     assert table.loc[("arithmetic", "agrpo"), "training time s"] == f"{8 * (1.4 + 0.03):.1f}"
     assert table.loc[("all", "base (pretraining)"), "training time s"] == "150"
+    assert table.loc[("all", "base (pretraining)"), "job CPU time s"] == "160"
+    assert table.loc[("all", "base (pretraining)"), "job wall time s"] == "–"
+    assert table.loc[("sudoku", "agrpo"), "job CPU time s"] == "22.0"  # 20 + 1 + mean seed 1
     assert table.loc[("sudoku", "lfpo"), "peak memory MB"] == "550"
 
 
@@ -103,9 +111,20 @@ def test_tables_are_written_as_markdown_and_latex(summary_csv, tmp_path):
     tables.main(summary_csv, ROOT / "paper" / "reported.csv", outputs, "reward", METHODS, NAMES)
     assert "| base " in (tmp_path / "results.md").read_text()
     assert "\\toprule" in (tmp_path / "results.tex").read_text()
-    assert "no lm-eval results" in (tmp_path / "lm_eval.md").read_text()
+    assert "| gsm8k/exact_match/flexible-extract " in (tmp_path / "lm_eval.md").read_text()
     reference = (tmp_path / "reference.md").read_text()
     assert "82.41" in reference and "specs/espo_dmpo.md B5" in reference
+
+
+def test_lm_eval_table_has_a_row_per_metric_and_a_column_per_method(summary_csv):
+    summary = stats.load(summary_csv)
+    table = tables.lm_eval_table(summary, METHODS, NAMES)
+    assert list(table.columns) == ["task", "lm-eval metric", "base", "d1 (diffu-GRPO)", "agrpo", "espo", "dmpo",
+                                   "DiFFPO", "lfpo"]
+    assert list(table["lm-eval metric"]) == ["gsm8k/exact_match/flexible-extract"] * 2  # seconds are not scores
+    assert table.loc[0, "lfpo"] == "0.050" and table.loc[0, "base"] == "0.000"
+    empty = tables.lm_eval_table(summary[~summary.metric.str.startswith("lm_eval/")], METHODS, NAMES)
+    assert "lm_eval.enabled is false" in empty.iloc[0, 0]
 
 
 def test_every_reported_number_cites_a_spec_section():
@@ -136,26 +155,31 @@ def test_aggregate_reads_only_run_folders(tmp_path):
                                        + json.dumps({"step": 2, "loss": 0.5, "eval/reward": 0.5, "flag": True}) + "\n")
     (run / "timing.tsv").write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t480.1\n")
     lm = {"results": {"arithmetic": {"alias": "arithmetic", "reward,none": 0.5, "reward_stderr,none": 0.1},
-                      "gsm8k": {"exact_match,strict-match": 0.1}}, "nfe": {"arithmetic": 6.5, "gsm8k": 40}}
+                      "gsm8k": {"exact_match,strict-match": 0.1}}, "versions": {"arithmetic": "1.0"},
+          "harness": {"tasks": {"arithmetic": {"nfe_mean": 6.5, "nfe": [6, 7], "seconds": 2.0, "decoding": "eb"},
+                                "gsm8k": {"nfe_mean": 40, "seconds": 3.0}}, "seconds": 5.0}}
     (run / "eval/step2.json").write_text(json.dumps(lm))
     (run / "eval/eb0.5.json").write_text(json.dumps(lm))
     base = tmp_path / "results/base/p"
     base.mkdir(parents=True)
+    (base / "timing.tsv").write_text("s\th:m:s\tcpu_time\n190.0\t0:03:10\t188.4\n")
     (base / "pretrain.json").write_text(json.dumps(
         {"minutes": 2.5, "parameters": 1000, "test": {"arithmetic": {"reward": 0.3}, "sudoku": {"reward": 0.2}}}))
     files = [run / "metrics.jsonl", run / "timing.tsv", run / "eval/step2.json", run / "eval/eb0.5.json",
-             base / "pretrain.json"]
+             base / "pretrain.json", base / "timing.tsv"]
     rows = pd.DataFrame(aggregate.aggregate([str(f) for f in files], ["arithmetic"]))
     got = {(r.algo, r.step, r.metric): r.value for r in rows.itertuples()}
     assert got == {
         ("base", 0, "pretrain/reward"): 0.3, ("base", 0, "pretrain/minutes"): 2.5,
-        ("base", 0, "pretrain/parameters"): 1000.0,
+        ("base", 0, "pretrain/parameters"): 1000.0, ("base", 0, "bench/s"): 190.0, ("base", 0, "bench/cpu_time"): 188.4,
         ("d1", 0, "eval/reward"): 0.25, ("d1", 2, "eval/reward"): 0.5, ("d1", 2, "loss"): 0.5,
         ("d1", 2, "bench/s"): 12.5, ("d1", 2, "bench/max_rss"): 480.1,
         ("d1", 2, "lm_eval/arithmetic/reward"): 0.5, ("d1", 2, "lm_eval/gsm8k/exact_match/strict-match"): 0.1,
-        ("d1", 2, "lm_eval/arithmetic/nfe"): 6.5, ("d1", 2, "lm_eval/gsm8k/nfe"): 40.0,
+        ("d1", 2, "lm_eval/arithmetic/nfe_mean"): 6.5, ("d1", 2, "lm_eval/gsm8k/nfe_mean"): 40.0,
+        ("d1", 2, "lm_eval/arithmetic/seconds"): 2.0, ("d1", 2, "lm_eval/gsm8k/seconds"): 3.0,
         ("d1", 2, "lm_eval_eb0.5/arithmetic/reward"): 0.5, ("d1", 2, "lm_eval_eb0.5/gsm8k/exact_match/strict-match"): 0.1,
-        ("d1", 2, "lm_eval_eb0.5/arithmetic/nfe"): 6.5, ("d1", 2, "lm_eval_eb0.5/gsm8k/nfe"): 40.0,
+        ("d1", 2, "lm_eval_eb0.5/arithmetic/nfe_mean"): 6.5, ("d1", 2, "lm_eval_eb0.5/gsm8k/nfe_mean"): 40.0,
+        ("d1", 2, "lm_eval_eb0.5/arithmetic/seconds"): 2.0, ("d1", 2, "lm_eval_eb0.5/gsm8k/seconds"): 3.0,
     }
     assert set(rows.profile) == {"p"} and set(rows.task) == {"arithmetic"} and set(rows[rows.algo == "d1"].seed) == {1}
     with pytest.raises(ValueError, match="not inside a run folder"):

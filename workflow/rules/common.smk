@@ -39,9 +39,9 @@ LM_EVAL = config["lm_eval"]["enabled"]
 SNAPSHOTS = sorted({*range(config["lm_eval"]["snapshot_every"], STEPS + 1, config["lm_eval"]["snapshot_every"]), STEPS})
 GAMMAS = [str(g) for g in config["lm_eval"]["eb_gammas"]]
 TABLES = ["results", "compute", "lm_eval", "reference"]
+FIGURES = ["curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown"]
 # The paper is also built with LaTeX when asked to, or ("auto") when latexmk is installed.
 LATEX = config["paper"]["latex"] is True or (config["paper"]["latex"] == "auto" and shutil.which("latexmk") is not None)
-FIGURES = ["curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown"]
 
 
 wildcard_constraints:
@@ -80,7 +80,7 @@ def run_eval_files(run):
 
 
 def summary_inputs():
-    files = [f"{BASE}/pretrain.json"]
+    files = [f"{BASE}/pretrain.json", f"{BASE}/timing.tsv"]
     for run in run_dirs():
         files += [f"{run}/metrics.jsonl", f"{run}/timing.tsv", *run_eval_files(run)]
     if LM_EVAL:

@@ -9,6 +9,7 @@ Reads only files inside run folders (the path scheme is in workflow/Snakefile):
                                                            `lm_eval_eb{gamma}/<lm task>/<metric>` at the last step
   base/{profile}/pretrain.json                             the base's test scores `pretrain/<metric>`,
                                                            `pretrain/minutes`, `pretrain/parameters`
+  base/{profile}/timing.tsv                                the pretraining job's benchmark: `bench/<column>`
   base/{profile}/eval/*.json                               lm-eval of the base, as for runs
 
 Base rows have algo `base`, seed 0 and step 0, and are written once per training task (the base is the
@@ -56,20 +57,19 @@ def timing_rows(path: Path) -> list[tuple[str, float]]:
 
 
 def lm_eval_rows(path: Path, prefix: str) -> list[tuple[str, float]]:
-    """lm-eval's results dict {"results": {task: {"metric,filter": value}}} (stderrs dropped; the filter kept
-    unless it is "none"), plus our top-level per-task numbers such as {"nfe": {task: value}}."""
+    """`python -m harness eval`'s JSON: lm-eval's {"results": {task: {"metric,filter": value}}} (stderrs
+    dropped, the filter kept unless it is "none") and our {"harness": {"tasks": {task: {"nfe_mean": ..,
+    "seconds": ..}}}}."""
     data = json.loads(path.read_text())
     rows = []
-    for task, scores in sorted(data.get("results", {}).items()):
+    for task, scores in sorted(data["results"].items()):
         for name, value in sorted(scores.items()):
             metric, _, filt = name.partition(",")
             if number(value) is not None and "stderr" not in metric:
                 rows.append((f"{prefix}/{task}/{metric}" + (f"/{filt}" if filt not in ("", "none") else ""),
                              number(value)))
-    for key, per_task in sorted(data.items()):
-        if key != "results" and isinstance(per_task, dict):
-            rows += [(f"{prefix}/{task}/{key}", number(v)) for task, v in sorted(per_task.items())
-                     if task in data.get("results", {}) and number(v) is not None]
+    for task, fields in sorted(data["harness"]["tasks"].items()):
+        rows += [(f"{prefix}/{task}/{k}", number(v)) for k, v in sorted(fields.items()) if number(v) is not None]
     return rows
 
 
@@ -121,6 +121,8 @@ def aggregate(paths: list[str], tasks: list[str]) -> list[dict]:
         for f in files:
             if f.name == "pretrain.json":
                 found += pretrain_rows(f)
+            elif f.name == "timing.tsv":
+                found += [(m, v, None) for m, v in timing_rows(f)]
             elif f.parent.name == "eval" and f.suffix == ".json":
                 found += [(m, v, None) for _, m, v in eval_rows(f, 0)]
         rows += [{"profile": profile, "task": task, "algo": "base", "seed": 0, "step": 0, "metric": m, "value": v}

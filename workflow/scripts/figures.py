@@ -100,7 +100,7 @@ def frontier_figure(runs: pd.DataFrame, base: pd.DataFrame, metric: str, methods
             rows = base if algo == "base" else runs
             rows = rows[(rows.task == task) & (rows.algo == algo)]
             color = "0.4" if algo == "base" else colors[algo]
-            eb = [p for g in gammas if (p := point(rows, f"{g}/{task}/{metric}", f"{g}/{task}/nfe"))]
+            eb = [p for g in gammas if (p := point(rows, f"{g}/{task}/{metric}", f"{g}/{task}/nfe_mean"))]
             if eb:
                 xs, ys, below, above = zip(*eb)
                 ax.errorbar(xs, ys, yerr=[below, above], color=color, marker="s", ms=4, lw=1, capsize=2)

@@ -5,9 +5,11 @@ results    per task and method: the final test metric (the in-training evaluatio
            row is the step-0 evaluation of the same runs; a method that decodes with its own sampler
            (eval_own/*) gets a second row for it
 compute    per task and method, means over seeds: forward passes (rollout + scoring + training), training
-           time (sum of time/step), the job's wall time and peak memory (Snakemake benchmark)
+           time (sum of time/step), the job's wall time, CPU time and peak memory (Snakemake benchmark); the
+           base row is the pretraining job
 reference  the papers' reported numbers, each with its source (paper/reported.csv); never our results
-lm_eval    the final lm-eval scores per lm-eval task and metric, mean [95% CI] over seeds (a one-line note
+lm_eval    the final lm-eval scores per lm-eval task and metric (rows) and method (columns), mean [95% CI]
+           over seeds (a one-line note
            when the summary has none: lm_eval.enabled is false)
 """
 
@@ -56,44 +58,41 @@ def per_run_total(summary: pd.DataFrame, metrics: list[str]) -> pd.Series:
 
 
 def compute_table(summary: pd.DataFrame, algos: list[str], names: dict) -> pd.DataFrame:
-    runs = summary[summary.algo != "base"]
-    columns = {
-        "forward passes": per_run_total(runs, ["forward/rollout", "forward/scoring", "forward/training"]),
-        "training time s": per_run_total(runs, ["time/step"]),
-        "job wall time s": per_run_total(runs, ["bench/s"]),
-        "peak memory MB": per_run_total(runs, ["bench/max_rss"]),
-    }
-    means = pd.DataFrame(columns).groupby(["task", "algo"]).mean()
-    rows = []
-    base = summary[(summary.algo == "base") & (summary.task == summary.task.min())]
-    minutes = base[base.metric == "pretrain/minutes"].value
-    if len(minutes):
-        rows.append({"task": "all", "method": "base (pretraining)", "forward passes": "–",
-                     "training time s": f"{60 * minutes.iloc[0]:.0f}", "job wall time s": "–", "peak memory MB": "–"})
+    """Means over seeds of per-run totals; the base row is the pretraining job."""
+    runs, base = summary[summary.algo != "base"], summary[summary.algo == "base"]
+    columns = {"forward passes": ["forward/rollout", "forward/scoring", "forward/training"],
+               "training time s": ["time/step"], "job wall time s": ["bench/s"], "job CPU time s": ["bench/cpu_time"],
+               "peak memory MB": ["bench/max_rss"]}
+    totals = pd.DataFrame({c: per_run_total(runs, m) for c, m in columns.items()}).reindex(columns=list(columns))
+    means = totals.groupby(["task", "algo"]).mean()
+    base = base[base.task == base.task.min()].set_index("metric").value
+    rows = [{"task": "all", "method": "base (pretraining)", "forward passes": "–",
+             "training time s": num(60 * base.get("pretrain/minutes", float("nan")), 0),
+             **{c: num(base.get(m[0], float("nan")), 0) for c, m in columns.items() if m[0].startswith("bench/")}}]
     for task in sorted(runs.task.unique()):
         for algo in order(algos, runs[runs.task == task].algo.unique()):
             row = means.loc[(task, algo)]
             rows.append({"task": task, "method": name(algo, names),
-                         "forward passes": f"{row['forward passes']:.0f}",
-                         "training time s": f"{row['training time s']:.1f}",
-                         "job wall time s": f"{row['job wall time s']:.1f}" if row["job wall time s"] else "–",
-                         "peak memory MB": f"{row['peak memory MB']:.0f}" if row["peak memory MB"] else "–"})
+                         **{c: num(row[c], 1 if c.endswith(" s") else 0) for c in columns}})
     return pd.DataFrame(rows)
 
 
+def num(value: float, digits: int) -> str:
+    return "–" if pd.isna(value) else f"{value:.{digits}f}"
+
+
 def lm_eval_table(summary: pd.DataFrame, algos: list[str], names: dict) -> pd.DataFrame:
-    lm = summary[summary.metric.str.startswith("lm_eval/")]
+    """One row per training task and lm-eval metric, one column per method (the base first)."""
+    lm = summary[summary.metric.str.startswith("lm_eval/") & ~summary.metric.str.endswith("/seconds")]
     if lm.empty:
         return pd.DataFrame({"lm-eval": ["no lm-eval results in results/summary.csv (config lm_eval.enabled is false)"]})
-    metrics = sorted(lm.metric.unique())
+    methods = ["base", *order(algos, lm.algo.unique())]
     rows = []
     for task in sorted(lm.task.unique()):
-        for algo in ["base", *order(algos, lm[lm.task == task].algo.unique())]:
-            row = {"task": task, "method": "base" if algo == "base" else name(algo, names)}
-            for m in metrics:
-                values = final(lm[(lm.task == task) & (lm.algo == algo)], m)
-                row[m.removeprefix("lm_eval/")] = cell(values.value, 1.0, 3)
-            rows.append(row)
+        for metric in sorted(lm[lm.task == task].metric.unique()):
+            values = final(lm[lm.task == task], metric)
+            rows.append({"task": task, "lm-eval metric": metric.removeprefix("lm_eval/"),
+                         **{name(a, names): cell(values[values.algo == a].value, 1.0, 3) for a in methods}})
     return pd.DataFrame(rows)
 
 
