@@ -63,6 +63,7 @@ def synthetic_summary(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, 
                 add(task, algo, seed, steps, "bench/cpu_time", 20 + i + seed)
                 add(task, algo, seed, steps, "lm_eval/gsm8k/exact_match/flexible-extract", 0.01 * i)
                 add(task, algo, seed, steps, "lm_eval/gsm8k/seconds", 3.0)
+                add(task, algo, seed, steps, "lm_eval/gsm8k/sample_len", 16)
                 for g, frac in (("0.1", 0.8), ("10.0", 0.3)):
                     add(task, algo, seed, steps, f"lm_eval_eb{g}/{task}/reward", reward - 0.1 * (frac < 0.5))
                     add(task, algo, seed, steps, f"lm_eval_eb{g}/{task}/nfe_mean", frac * nfe)
@@ -121,7 +122,7 @@ def test_lm_eval_table_has_a_row_per_metric_and_a_column_per_method(summary_csv)
     table = tables.lm_eval_table(summary, METHODS, NAMES)
     assert list(table.columns) == ["task", "lm-eval metric", "base", "d1 (diffu-GRPO)", "agrpo", "espo", "dmpo",
                                    "DiFFPO", "lfpo"]
-    assert list(table["lm-eval metric"]) == ["gsm8k/exact_match/flexible-extract"] * 2  # seconds are not scores
+    assert list(table["lm-eval metric"]) == ["gsm8k/exact_match/flexible-extract"] * 2  # seconds and counts are not scores
     assert table.loc[0, "lfpo"] == "0.050" and table.loc[0, "base"] == "0.000"
     empty = tables.lm_eval_table(summary[~summary.metric.str.startswith("lm_eval/")], METHODS, NAMES)
     assert "lm_eval.enabled is false" in empty.iloc[0, 0]

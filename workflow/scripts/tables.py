@@ -83,7 +83,7 @@ def num(value: float, digits: int) -> str:
 
 def lm_eval_table(summary: pd.DataFrame, algos: list[str], names: dict) -> pd.DataFrame:
     """One row per training task and lm-eval metric, one column per method (the base first)."""
-    lm = summary[summary.metric.str.startswith("lm_eval/") & ~summary.metric.str.endswith("/seconds")]
+    lm = summary[summary.metric.str.startswith("lm_eval/") & ~summary.metric.str.endswith(("/seconds", "/sample_len"))]
     if lm.empty:
         return pd.DataFrame({"lm-eval": ["no lm-eval results in results/summary.csv (config lm_eval.enabled is false)"]})
     methods = ["base", *order(algos, lm.algo.unique())]
