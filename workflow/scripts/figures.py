@@ -43,7 +43,8 @@ def curves(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def panels(tasks: list[str], width: float = 4.2, height: float = 3.2):
-    fig, axes = plt.subplots(1, len(tasks), figsize=(width * len(tasks), height), squeeze=False)
+    """One panel per task, plus room on the right for the legend."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width * len(tasks) + 2.4, height), squeeze=False)
     return fig, dict(zip(tasks, axes[0]))
 
 
