@@ -14,13 +14,10 @@ time_breakdown  training time per run split into rollout / scoring (prepare) / u
 import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from stats import final, load, mean_ci, name, order  # noqa: E402
+from stats import final, load, mean_ci, name, order
 
 FORWARD = ["forward/rollout", "forward/scoring", "forward/training"]
 PHASES = {"rollout": "time/rollout", "scoring": "time/scoring", "update": "time/update"}
@@ -44,12 +41,13 @@ def curves(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def panels(tasks: list[str], width: float = 4.2, height: float = 3.2):
     """One panel per task, plus room on the right for the legend."""
-    fig, axes = plt.subplots(1, len(tasks), figsize=(width * len(tasks) + 2.4, height), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width * len(tasks) + 2.4, height), squeeze=False,
+                             layout="constrained")
     return fig, dict(zip(tasks, axes[0]))
 
 
 def legend(fig, axes) -> None:
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
@@ -59,7 +57,6 @@ def legend(fig, axes) -> None:
 def curve_figure(data: pd.DataFrame, x: str, metric: str, methods: list[str], colors: dict, names: dict):
     tasks = sorted(data.task.unique())
     fig, axes = panels(tasks)
-    fig.set_layout_engine("constrained")
     for task, ax in axes.items():
         for algo in methods:
             c = data[(data.task == task) & (data.algo == algo)].sort_values("step")
@@ -77,7 +74,6 @@ def frontier_figure(runs: pd.DataFrame, base: pd.DataFrame, metric: str, methods
                     names: dict):
     tasks = sorted(runs.task.unique())
     fig, axes = panels(tasks)
-    fig.set_layout_engine("constrained")
     gammas = sorted({m.split("/")[0] for m in summary_metrics(runs, base) if m.startswith("lm_eval_eb")},
                     key=lambda prefix: float(prefix.removeprefix("lm_eval_eb")))
 
@@ -126,7 +122,6 @@ def summary_metrics(*frames: pd.DataFrame) -> set[str]:
 def time_breakdown_figure(runs: pd.DataFrame, methods: list[str], names: dict):
     tasks = sorted(runs.task.unique())
     fig, axes = panels(tasks, height=0.8 + 0.4 * len(methods))
-    fig.set_layout_engine("constrained")
     totals = runs[runs.metric.isin(PHASES.values())].groupby(["task", "algo", "seed", "metric"]).value.sum()
     means = totals.groupby(["task", "algo", "metric"]).mean()
     for task, ax in axes.items():
