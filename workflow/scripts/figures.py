@@ -6,7 +6,8 @@ curve_forward   the same vs cumulative training forward passes (rollout + scorin
 curve_time      the same vs cumulative training time (time/step; evaluation excluded)
 frontier        final test metric vs mean NFE per completion: the shared sampler's default decoding (filled
                 marker), a method's own decoding (eval_own, open marker) and, with lm-eval, the entropy-bounded
-                sampler at each gamma (lm_eval_eb<gamma>, a line per method; the base in grey)
+                sampler at each gamma (lm_eval_eb<gamma>, a line per method; the base in grey); methods are
+                shifted sideways by a few points so that equal NFEs stay readable
 time_breakdown  training time per run split into rollout / scoring (prepare) / update, mean over seeds
 """
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.transforms import ScaledTranslation
 import pandas as pd
 
 from stats import final, load, mean_ci, name, order
@@ -86,29 +88,37 @@ def frontier_figure(runs: pd.DataFrame, base: pd.DataFrame, metric: str, methods
         low, high = (mean, mean) if pd.isna(low) else (low, high)
         return x.value.mean(), 100 * mean, 100 * (mean - low), 100 * (high - mean)
 
-    def draw(ax, p, color, label, **style):
-        ax.errorbar([p[0]], [p[1]], yerr=[[p[2]], [p[3]]], color=color, ls="none", capsize=2, label=label, **style)
+    def dodge(ax, i: int):
+        """Methods side by side: a shift of a few points per method, so that equal NFEs do not hide each other."""
+        return ax.transData + ScaledTranslation(3 * (i - len(methods) / 2) / 72, 0, fig.dpi_scale_trans)
+
+    def draw(ax, points, i, color, label=None, **style):
+        xs, ys, below, above = zip(*points)
+        ax.errorbar(xs, ys, yerr=[below, above], color=color, capsize=2, label=label, transform=dodge(ax, i), **style)
+        # a non-data transform does not update the axes limits by itself
+        ax.update_datalim([(x, y + d) for x, y, b, a in points for d in (-b, a)])
+        ax.autoscale_view()
 
     for task, ax in axes.items():
-        at0 = runs[(runs.task == task) & (runs.step == 0)]
-        if p := point(at0, f"eval/{metric}", "eval/nfe"):
-            draw(ax, p, "0.4", "base", marker="o", ms=7)
-        for algo in ["base", *methods]:
+        for i, algo in enumerate(["base", *methods]):
             rows = base if algo == "base" else runs
             rows = rows[(rows.task == task) & (rows.algo == algo)]
             color = "0.4" if algo == "base" else colors[algo]
             eb = [p for g in gammas if (p := point(rows, f"{g}/{task}/{metric}", f"{g}/{task}/nfe_mean"))]
             if eb:
-                xs, ys, below, above = zip(*eb)
-                ax.errorbar(xs, ys, yerr=[below, above], color=color, marker="s", ms=4, lw=1, capsize=2)
-            if algo == "base":
+                draw(ax, eb, i, color, marker="s", ms=4, lw=1)
+            if algo == "base":  # the base's shared-sampler point is the step 0 of every run
+                at0 = runs[(runs.task == task) & (runs.step == 0)]
+                if p := point(at0, f"eval/{metric}", "eval/nfe"):
+                    draw(ax, [p], i, color, "base", marker="o", ms=7, ls="none")
                 continue
             if p := point(rows[rows.step > 0], f"eval/{metric}", "eval/nfe"):
-                draw(ax, p, color, name(algo, names), marker="o", ms=7)
+                draw(ax, [p], i, color, name(algo, names), marker="o", ms=7, ls="none")
             if p := point(rows, f"eval_own/{metric}", "eval_own/nfe"):
-                draw(ax, p, color, f"{name(algo, names)}, own decoding", marker="o", ms=7, mfc="none")
+                draw(ax, [p], i, color, f"{name(algo, names)}, own decoding", marker="o", ms=7, mfc="none", ls="none")
         if gammas:  # a legend entry for the squares; the colour says whose they are
             ax.plot([], [], color="0.4", marker="s", ms=4, lw=1, label="EB sampler, per gamma")
+        ax.margins(x=0.08)  # room for the sideways shifts
         ax.set(title=task, xlabel="mean NFE per completion", ylabel=f"test {metric} (%)")
         ax.grid(alpha=0.3)
     legend(fig, axes.values())
