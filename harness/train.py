@@ -81,6 +81,9 @@ class TrainConfig:
     """test items per evaluation"""
     save_every: int = 20
     """checkpoint every this many steps (and at the last)"""
+    snapshot_every: int = 0
+    """also keep the model every this many steps (and at the last) in snapshots/step{N}/ for later
+    evaluation (the workflow's lm-eval convergence curves); 0 = none"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=0.9))
@@ -242,6 +245,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         runs.append_metrics(run / "metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}",
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
+        if cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps):
+            runs.save_model(accelerator.unwrap_model(policy), tokenizer, run / "snapshots" / f"step{step}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
                 "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
