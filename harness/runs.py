@@ -4,7 +4,9 @@
         config.json       the fully resolved configuration that ran
         provenance.json   git sha and dirty flag, package versions, device, start time
         metrics.jsonl     one JSON object per RL step
-        checkpoint/       model/ (save_pretrained + tokenizer) and state.pt (optimizer, RNGs, step); git-ignored
+        checkpoint/       model/ (save_pretrained + tokenizer) and state.pt (step, optimizer, reference, RNGs, the
+                          resolved config and the metrics rows so far: a run resumes even when config.json and
+                          metrics.jsonl were deleted, as Snakemake does before rerunning a job); git-ignored
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash leaves
 either the old complete file or the new complete one, never half of either.
@@ -125,5 +127,14 @@ def save_checkpoint(folder: Path, model, tokenizer, state: dict) -> None:
 
 
 def load_state(folder: Path) -> dict | None:
-    path = Path(folder) / "state.pt"
+    """The state of the last complete checkpoint in `folder` (None if there is none), after cleaning up what a
+    crash left: a kill between the two renames of `_replace_dir` leaves the previous checkpoint complete under
+    `.checkpoint.old`, which is moved back; half-written temporaries (`.<name>.*`) of the run folder are removed."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.is_dir() and not folder.exists():
+        os.replace(old, folder)
+    for tmp in folder.parent.glob(".*.*"):  # temporaries of write_text, save_model and save_checkpoint
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    path = folder / "state.pt"
     return torch.load(path, weights_only=False) if path.exists() else None

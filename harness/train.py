@@ -7,12 +7,22 @@
         batch    <- algo.prepare(policy, ref, batch, cfg)   (no grad)           ALGORITHM seam
         for it in 0..mu-1:                                  (one optimizer step each)
             for micro-batch in batch:  loss <- algo.loss(policy, ref, mb, cfg); backward    ALGORITHM seam
-            clip grad norm; optimizer step
+            clip grad norm; optimizer step (a NaN/Inf loss or gradient stops the run, or skips the step)
         algo.after_step(policy, ref, step, cfg)                                  ALGORITHM seam
         metrics.jsonl row; test evaluation every `eval_every` steps; checkpoint every `save_every` steps
 
 Micro-batch losses are summed, not averaged: each method returns its micro-batch's share of the batch
-loss, so any split of a batch gives the same gradient. A run resumes from its last complete checkpoint.
+loss, so any split of a batch gives the same gradient.
+
+A run resumes from its last complete checkpoint when started again with the same configuration (only `steps`
+may grow), however it was stopped (SIGKILL in a step or in a checkpoint write; config.json and metrics.jsonl
+deleted), and ends bit-identical on CPU to a run that was never stopped: the checkpoint holds the weights, the
+optimizer, the reference, the RNG states (torch, numpy, python, the rollout and batch-seed generators), the
+resolved config and the metrics rows so far.
+
+A NaN/Inf loss or gradient norm stops the run with an error naming the step, the inner iteration and the last
+good checkpoint; with `nonfinite_skips` N > 0 such an optimizer step is skipped instead (no update; counted
+as `nonfinite/skipped` in metrics.jsonl) and the run stops at the (N+1)-th in a row.
 
 Evaluation is greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
 `eval/nfe`: the comparable numbers). A method that declares a `sample` override is ALSO evaluated greedily
@@ -81,6 +91,8 @@ class TrainConfig:
     """test items per evaluation"""
     save_every: int = 20
     """checkpoint every this many steps (and at the last)"""
+    nonfinite_skips: int = 0
+    """optimizer steps in a row that may be skipped for a NaN/Inf loss or gradient; 0 = stop at the first"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=0.9))
@@ -130,6 +142,10 @@ def _without_steps(resolved: dict) -> dict:
 def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     """Run (or resume) one training run and return its folder."""
     algo, task = algorithms.get(cfg.algo), benchmarks.get(cfg.task)
+    if getattr(task, "EVALUATION_ONLY", False):
+        trainable = [name for name, t in benchmarks.TASKS.items() if not getattr(t, "EVALUATION_ONLY", False)]
+        raise ValueError(f"--task {cfg.task} is evaluation-only (no train split); train on one of "
+                         f"{', '.join(trainable)}, and evaluate with `python -m harness eval --tasks {cfg.task}`")
     algo_cfg = algo_cfg or algo.Config()
     sampler_cfg, eval_cfg = cfg.sampler.resolve(task), cfg.eval_sampler.resolve(task)
     mu = getattr(algo_cfg, "num_iterations", 1)
@@ -138,8 +154,9 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     run, ckpt = cfg.run_dir(), cfg.run_dir() / "checkpoint"
     resolved = {"train": dataclasses.asdict(cfg), "algo": dataclasses.asdict(algo_cfg),
                 "sampler": dataclasses.asdict(sampler_cfg), "eval_sampler": dataclasses.asdict(eval_cfg)}
+    train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]  # bad data fails before any write
     state = runs.load_state(ckpt)
-    if state is not None and _without_steps(runs.read_json(run / "config.json")) != _without_steps(resolved):
+    if state is not None and _without_steps(state["config"]) != _without_steps(resolved):
         raise ValueError(f"{run} holds a checkpoint of a different configuration (only --steps may change on "
                          f"resume); delete the folder or pick another --out to start a new run")
 
@@ -152,7 +169,6 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     ref.to(accelerator.device)
     counter = ForwardCounter(policy, ref)
 
-    train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]
     order = np.random.default_rng(cfg.seed).permutation(len(train_set))
     generators = {"rollout": torch.Generator().manual_seed(cfg.seed), "batch_seed": torch.Generator().manual_seed(cfg.seed + 1)}
     sample = None
@@ -161,18 +177,19 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             return algo.sample(model, ref, prompt_ids, prompt_mask, sampler, generator, algo_cfg)
     prepare = getattr(algo, "prepare", lambda policy, ref, batch, cfg: batch)
 
-    start = 0
+    start, saved, nonfinite_run = 0, None, 0  # saved: step of the last checkpoint; NaN/Inf updates in a row
     runs.write_json(run / "config.json", resolved)
-    if state is None:
+    if state is None or not (run / "provenance.json").exists():
         runs.write_json(run / "provenance.json", runs.provenance())
+    if state is None:
         runs.write_text(run / "metrics.jsonl", "")
     else:
-        start = state["step"]
+        start = saved = state["step"]
+        nonfinite_run = state["nonfinite_run"]
         optimizer.load_state_dict(state["optimizer"])
         ref.load_state_dict(state["ref"])
         _set_rng_state(state["rng"], generators)
-        runs.write_text(run / "metrics.jsonl", "".join(
-            runs.dumps(r) + "\n" for r in runs.read_metrics(run / "metrics.jsonl") if r["step"] <= start))
+        runs.write_text(run / "metrics.jsonl", "".join(runs.dumps(r) + "\n" for r in state["metrics"]))
 
     def evaluate_now() -> dict:
         counter.phase = "eval"
@@ -204,23 +221,36 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         # ALGORITHM: mu optimizer steps on this batch, each summing the method's micro-batch losses.
         counter.phase = "training"
         policy.train()
-        losses, method_metrics, grad_norms = [], [], []
+        losses, method_metrics, grad_norms, skipped = [], [], [], 0
         for it in range(mu):
             batch.iteration = it
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
+            total, it_metrics, bad = 0.0, [], None
             for mb in batch.micro_batches(cfg.micro_batch_size):
                 loss, metrics = algo.loss(policy, ref, mb, algo_cfg)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at step {step}, inner iteration {it}; the last good "
-                        f"checkpoint is {ckpt if ckpt.exists() else 'none (no checkpoint yet)'}")
+                    bad = f"loss ({loss.item()})"
+                    break
                 accelerator.backward(loss)
                 total += loss.item()
-                method_metrics.append(metrics)
-            grad_norms.append(float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)))
+                it_metrics.append(metrics)
+            grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)) if bad is None else 0.0
+            if bad is None and not np.isfinite(grad_norm):
+                bad = f"gradient norm ({grad_norm})"
+            if bad:  # NaN/Inf: no update; stop unless the skip policy allows one more
+                nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
+                if nonfinite_run > cfg.nonfinite_skips:
+                    raise FloatingPointError(
+                        f"non-finite {bad} at step {step}, inner iteration {it}"
+                        f"{f' ({nonfinite_run} in a row)' if cfg.nonfinite_skips else ''}; the last good checkpoint "
+                        f"is {f'{ckpt} (step {saved})' if saved is not None else 'none (nothing saved yet)'}; "
+                        f"lower --lr or --max_grad_norm, or skip such updates with --nonfinite_skips N")
+                continue
             optimizer.step()
+            nonfinite_run = 0
             losses.append(total)
+            grad_norms.append(grad_norm)
+            method_metrics += it_metrics
         # ALGORITHM: optional update of the reference/rollout model (e.g. LFPO's EMA).
         if hasattr(algo, "after_step"):
             algo.after_step(accelerator.unwrap_model(policy), ref, step, algo_cfg)
@@ -228,9 +258,10 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
 
         row = {
             "step": step, "reward/mean": batch.rewards.mean().item(), "reward/std": batch.rewards.std().item(),
-            "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+            "loss": float(np.mean(losses)) if losses else None,
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else None, "nonfinite/skipped": skipped,
             "rollout/nfe": batch.nfe.float().mean().item(),
-            **{f"algo/{k}": float(np.mean([m[k] for m in method_metrics])) for k in method_metrics[0]},
+            **{f"algo/{k}": float(np.mean([m[k] for m in method_metrics])) for k in (method_metrics or [{}])[0]},
             **{f"forward/{p}": counter.calls[p] - calls0[p] for p in ("rollout", "scoring", "training")},
             **{f"sequences/{p}": counter.rows[p] - rows0[p] for p in ("rollout", "scoring", "training")},
             "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
@@ -240,10 +271,12 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate_now())
         runs.append_metrics(run / "metrics.jsonl", row)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}",
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}" if losses else "skipped",
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
         if step % cfg.save_every == 0 or step == cfg.steps:
             runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
                 "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
-                "rng": _rng_state(generators)})
+                "rng": _rng_state(generators), "config": runs.jsonable(resolved), "nonfinite_run": nonfinite_run,
+                "metrics": runs.read_metrics(run / "metrics.jsonl")})
+            saved = step
     return run

@@ -1,0 +1,131 @@
+"""Resume anywhere: `python -m harness train` SIGKILLed at chosen and at random points, restarted (also after
+deleting config.json and metrics.jsonl, as Snakemake's --rerun-incomplete does), ends with metrics and weights
+bit-identical to a run that was never stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import runs
+from harness.cli import main
+from tests.test_algorithms import untimed
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 5
+
+# Runs `python -m harness train ARGS`, SIGKILLing itself at the point named by argv[1] ("-" = never):
+#   state:N    the N-th checkpoint write, after the model files and before state.pt (a half-written temporary)
+#   swap:N     the N-th checkpoint swap, between its two renames (no `checkpoint/`, only `.checkpoint.old`)
+#   update:N   the N-th optimizer update, i.e. inside a step, between inner iterations
+#   metrics:N  the N-th metrics.jsonl write, before its rename (a temporary next to the old file)
+DRIVER = """import os, signal, sys
+import torch
+point, n = sys.argv[1].split(":") if sys.argv[1] != "-" else ("-", 0)
+calls = [0]
+
+def hit():
+    calls[0] += 1
+    if calls[0] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace, real_save, real_update = os.replace, torch.save, torch.optim.AdamW.step
+
+def replace(src, dst, **kw):
+    if point == "metrics" and str(dst).endswith("metrics.jsonl"):
+        hit()
+    real_replace(src, dst, **kw)
+    if point == "swap" and str(dst).endswith(".checkpoint.old"):
+        hit()
+
+def save(obj, path, *a, **kw):
+    if point == "state" and str(path).endswith("state.pt"):
+        hit()
+    return real_save(obj, path, *a, **kw)
+
+def update(self, *a, **kw):
+    if point == "update":
+        hit()
+    return real_update(self, *a, **kw)
+
+os.replace, torch.save, torch.optim.AdamW.step = replace, save, update
+from harness.cli import main
+main(["train", *sys.argv[2:]])
+"""
+
+
+def train_args(model_dir, out) -> list[str]:
+    return ["--algo", "d1", "--task", "sudoku", "--model", str(model_dir), "--out", str(out), "--steps", str(STEPS),
+            "--prompts_per_step", "2", "--group_size", "4", "--micro_batch_size", "4", "--eval_limit", "4",
+            "--eval_every", "2", "--save_every", "1", "--lr", "1e-3", "--threads", "1", "--algo.num_iterations", "2"]
+
+
+def launch(point: str, model_dir, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, point, *train_args(model_dir, out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def started(run: Path, since: float) -> bool:
+    """Imports and model loading are done: the launch has (re)written config.json."""
+    config = run / "config.json"
+    return config.exists() and config.stat().st_mtime >= since
+
+
+def outcome(run: Path) -> tuple[list[dict], str]:
+    weights = hashlib.sha256((run / "checkpoint/model/model.safetensors").read_bytes()).hexdigest()
+    return untimed(runs.read_metrics(run / "metrics.jsonl")), weights
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    """The uninterrupted run, in-process through the same CLI, and the seconds from writing config.json (after
+    loading the model) to the end."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    main(["train", *train_args(model_dir, out)])
+    return outcome(out), time.time() - (out / "config.json").stat().st_mtime
+
+
+def test_killed_in_checkpoint_writes_steps_and_metrics_writes_resumes_bit_identically(model_dir, tmp_path,
+                                                                                     reference):
+    run = tmp_path / "run"
+    # each launch resumes from the last complete checkpoint of the previous one and is killed again
+    for point in ("state:2", "update:3", "swap:1", "metrics:2"):
+        proc = launch(point, model_dir, run)
+        assert proc.wait(300) == -signal.SIGKILL, f"{point}: {proc.stderr.read()[-3000:]}"
+        proc.stderr.close()
+        if point == "swap:1":
+            assert not (run / "checkpoint").exists() and (run / ".checkpoint.old/state.pt").exists()
+            # Snakemake deletes a failed job's outputs before rerunning it
+            (run / "metrics.jsonl").unlink()
+            (run / "config.json").unlink()
+    assert list(run.glob(".metrics.jsonl.*")), "the metrics:2 kill should leave a temporary behind"
+    proc = launch("-", model_dir, run)
+    assert proc.wait(300) == 0, proc.stderr.read()[-3000:]
+    proc.stderr.close()
+    assert outcome(run) == reference[0]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl", "provenance.json"]
+
+
+def test_killed_at_random_times_resumes_bit_identically(model_dir, tmp_path, reference):
+    rng, run, kills = random.Random(), tmp_path / "run", []
+    for _ in range(3):
+        done = len(runs.read_metrics(run / "metrics.jsonl"))  # steps done so far (+1 for step 0)
+        launched, proc = time.time(), launch("-", model_dir, run)
+        while proc.poll() is None and not started(run, launched):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, reference[1] * (STEPS + 1 - done) / (STEPS + 1)))  # somewhere in what is left
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) in (-signal.SIGKILL, 0), proc.stderr.read()[-3000:]
+        proc.stderr.close()
+        kills.append((done, len(runs.read_metrics(run / "metrics.jsonl"))) if proc.returncode else "finished")
+    proc = launch("-", model_dir, run)
+    assert proc.wait(300) == 0, proc.stderr.read()[-3000:]
+    proc.stderr.close()
+    assert outcome(run) == reference[0], f"killed (metrics rows before, after): {kills}"
