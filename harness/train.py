@@ -103,6 +103,14 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.out or f"results/runs/{self.profile}/{self.task}/{self.algo}/seed{self.seed}")
 
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "eval_every", "eval_limit",
+                     "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be a positive integer")
+        if self.nonfinite_skips < 0 or self.threads < 0:
+            raise ValueError(f"--nonfinite_skips={self.nonfinite_skips} and --threads={self.threads} must be >= 0")
+
 
 class ForwardCounter:
     """Counts forward passes (batched calls) and sequence-forwards (rows) of the models it is attached to."""
