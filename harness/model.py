@@ -7,6 +7,7 @@ here and nowhere else, so samplers and estimators index positions the same way f
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -54,15 +55,28 @@ def is_shifted(config) -> bool:
 
 
 def token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 start: int = 0) -> torch.Tensor:
-    """fp32 logits [B, S - start, V] where row j predicts token `start + j`, for either family.
+                 start: int = 0, end: int | None = None, positions: torch.Tensor | None = None,
+                 **model_kwargs) -> torch.Tensor:
+    """fp32 logits [B, end - start, V] where row j predicts token `start + j`, for either family; with
+    `positions` ([k] or [B, k] per row), the logits [B, k, V] of those tokens instead.
 
-    The mask token is given probability zero: every sampler and estimator scores real tokens only.
+    Only the positions asked for go through the LM head when the model accepts transformers'
+    `logits_to_keep` (the tiny model does). `model_kwargs` go to the forward (e.g. the sampler's K/V
+    cache). The mask token is given probability zero: every sampler and estimator scores real tokens only.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    if is_shifted(model.config):
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    logits = logits[:, start:].float()
+    if positions is None:
+        end = input_ids.shape[1] if end is None else end
+        positions = torch.arange(start, end, device=input_ids.device)
+    if positions.dim() == 2:  # per row: the union once, then each row's own
+        union, index = positions.unique(return_inverse=True)
+        logits = token_logits(model, input_ids, attention_mask, positions=union, **model_kwargs)
+        return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+    keep = (positions - int(is_shifted(model.config))).clamp(min=0)  # the output carrying each token (Dream: j - 1)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[:, keep]
+    logits = logits.float()
     mask_id = model.config.mask_token_id
     return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 

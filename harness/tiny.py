@@ -12,6 +12,20 @@ checkpoint.
 `shift_logits=True` makes the model Dream-like: the output at position j-1 carries the prediction for
 token j (Dream is initialised from an autoregressive model and keeps that convention). The harness undoes
 the shift in one place (`harness.model.token_logits`), so tests can exercise both families.
+
+Two optional forward arguments serve the sampler (`harness.sampler`); without them the forward is the plain
+full-sequence pass:
+  logits_to_keep  1-D positions whose logits are returned (transformers' convention): the last layer's
+                  queries, output projection and MLP and the LM head run on those positions only (every
+                  position still supplies keys and values), e.g. the masked positions of the block being
+                  decoded.
+  canvas_cache    Fast-dLLM's block-wise K/V cache over a fixed-length canvas. An empty list: `input_ids` is
+                  the whole canvas and the list is filled with one (key, value) pair [B, H, S, D] per layer.
+                  A filled list: `input_ids` are canvas positions [cache_offset, cache_offset + q) and
+                  `attention_mask` still covers the whole canvas; their fresh keys and values overwrite the
+                  cached ones in place and the queries attend over the whole canvas. Keys and values of the
+                  other positions are those of the pass that filled the cache, so for a bidirectional model
+                  the result is an approximation (exact only if those positions did not change).
 """
 
 from __future__ import annotations
@@ -82,13 +96,25 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask):
+    def forward(self, x, cos, sin, key_mask, cache: list | None = None, offset: int = 0,
+                keep: torch.Tensor | None = None):
+        """`keep`: return only these positions; every position still supplies keys and values."""
         b, s, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k = rotate(k, cos, sin)
+        if keep is not None:
+            x, q, cos, sin = x[:, keep], q[:, :, keep], cos[:, :, keep], sin[:, :, keep]
+        q = rotate(q, cos, sin)
+        if cache is not None:  # cache = [key, value] of the whole canvas: write this slice, attend over all of it
+            if len(cache) == 0:
+                cache.extend((k.contiguous(), v.contiguous()))
+            else:
+                cache[0][:, :, offset:offset + s] = k
+                cache[1][:, :, offset:offset + s] = v
+                k, v = cache
         # Bidirectional: no causal mask, only padded keys are hidden.
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        x = x + self.out(a.transpose(1, 2).reshape(b, s, d))
+        x = x + self.out(a.transpose(1, 2).reshape(b, q.shape[2], d))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -119,20 +145,34 @@ class TinyMDLM(PreTrainedModel):
             freqs = torch.arange(0, head_dim, 2, device=module.inv_freq.device).float() / head_dim
             module.inv_freq.copy_(1.0 / module.config.rope_theta**freqs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> MaskedLMOutput:
-        """Logits for every position. `attention_mask` (1 = real token) hides left padding from attention
-        and makes positions count from the first real token, so padding never changes a row's output."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: torch.Tensor | None = None, canvas_cache: list | None = None, cache_offset: int = 0,
+                **kwargs) -> MaskedLMOutput:
+        """Logits for every position (or the `logits_to_keep` positions). `attention_mask` (1 = real token)
+        hides left padding from attention and makes positions count from the first real token, so padding
+        never changes a row's output. `canvas_cache` / `cache_offset`: see the module docstring."""
+        if canvas_cache and attention_mask is None:
+            raise ValueError("a filled canvas_cache needs the attention_mask of the whole canvas")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if canvas_cache:
+            positions = positions[:, cache_offset:cache_offset + input_ids.shape[1]]
         angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, S, D/2]
         cos, sin = angles.cos().repeat(1, 1, 1, 2), angles.sin().repeat(1, 1, 1, 2)
         key_mask = attention_mask.bool()[:, None, None, :]
+        if canvas_cache is not None and not canvas_cache:
+            canvas_cache.extend([] for _ in self.blocks)
+        if logits_to_keep is not None and self.config.shift_logits:  # the shift below, on the kept positions
+            logits_to_keep = (logits_to_keep + 1).clamp(max=input_ids.shape[1] - 1)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, cos, sin, key_mask)
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1  # its outputs feed only the head: computed where logits are kept
+            x = block(x, cos, sin, key_mask, None if canvas_cache is None else canvas_cache[i], cache_offset,
+                      logits_to_keep if last else None)
         logits = self.lm_head(self.norm(x))
-        if self.config.shift_logits:  # Dream convention: position j-1 carries the prediction for token j
+        if self.config.shift_logits and logits_to_keep is None:
+            # Dream convention: position j-1 carries the prediction for token j
             logits = torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
         return MaskedLMOutput(logits=logits)
 

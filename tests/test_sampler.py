@@ -141,3 +141,107 @@ def test_per_row_eb_gamma_overrides_the_config(model, tokenizer):
     cfg = replace(CFG, decoding="eb", eb_gamma=0.0)
     traj = generate(model, ids, mask, cfg, torch.Generator().manual_seed(0), eb_gamma=torch.tensor([0.0, float("inf")]))
     assert traj.nfe.tolist() == [cfg.gen_length, cfg.gen_length // cfg.block_length]
+
+
+# --- exact mode against LLaDA's reference sampler; the approximate K/V-cache modes -----------------------------
+
+def mixed_prompts(tokenizer, n=6):
+    """Prompts of two tasks, so that rows are left-padded to different lengths."""
+    texts = [t.prompt(e) for name in ("arithmetic", "sudoku") for t in [benchmarks.get(name)] for e in t.load("test")[:n // 2]]
+    return encode_prompts(tokenizer, texts)
+
+
+@pytest.mark.parametrize("lengths", [(8, 8, 8), (8, 4, 4), (12, 4, 6), (8, 2, 8)])
+def test_exact_mode_gives_the_reference_tokens_at_temperature_zero(model, tokenizer, trained_dir, lengths):
+    """Token identity with LLaDA's generate() (harness.reference) in fp32, for a random and a trained model
+    (the trained one has saturated, tied confidences: ties are broken by position in both)."""
+    from harness.model import load
+    from harness.reference import generate as reference
+
+    L, B, N = lengths
+    trained, trained_tok = load(trained_dir)
+    for m, tok in ((model, tokenizer), (trained, trained_tok)):
+        ids, mask = mixed_prompts(tok)
+        ours = generate(m, ids, mask, SamplerConfig(gen_length=L, block_length=B, steps=N))
+        theirs = reference(m, ids, mask, steps=N, gen_length=L, block_length=B)
+        assert torch.equal(ours.completion, theirs[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_rows_do_not_depend_on_the_batch(model, tokenizer, cache):
+    """Finished rows leave the batch (and the cache) early: each row decodes as it would alone."""
+    ids, mask = mixed_prompts(tokenizer)
+    cfg = replace(CFG, decoding="eb", temperature=0.0, cache=cache)
+    gamma = torch.tensor([0.0, 4.0, float("inf")]).repeat(2)
+    together = generate(model, ids, mask, cfg, eb_gamma=gamma)
+    assert together.nfe.unique().numel() == 3  # rows finish at different steps
+    for i in range(len(ids)):
+        alone = generate(model, ids[i:i + 1], mask[i:i + 1], cfg, eb_gamma=gamma[i:i + 1])
+        assert torch.equal(alone.completion[0], together.completion[i])
+        assert torch.equal(alone.unmask_step[0], together.unmask_step[i])
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_logits_to_keep_and_canvas_cache_reproduce_the_full_pass(tokenizer, shift):
+    """On an unchanged canvas the cached forward of any slice equals the full forward (positions, padding,
+    shifted logits); the cache only approximates once the canvas changes."""
+    from tests.conftest import make_model
+
+    m = make_model(tokenizer, shift_logits=shift)
+    ids, mask = mixed_prompts(tokenizer)
+    P = ids.shape[1]
+    x = torch.cat([ids, torch.randint(10, 100, (len(ids), 12))], 1)
+    attention = torch.cat([mask.long(), torch.ones(len(ids), 12, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = token_logits(m, x, attention, start=P)
+        pos = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(i))[:5] for i in range(len(x))])
+        torch.testing.assert_close(token_logits(m, x, attention, positions=P + pos),  # per-row positions
+                                   full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1])), rtol=0, atol=1e-5)
+        cache = []
+        torch.testing.assert_close(token_logits(m, x, attention, start=P + 4, end=P + 8, canvas_cache=cache),
+                                   full[:, 4:8], rtol=0, atol=1e-5)
+        for first, last in ((P + 3, P + 8), (P + 3, P + 12)):  # a block (dual cache), a block + suffix (prefix)
+            got = token_logits(m, x[:, first:last], attention, start=1, end=5, canvas_cache=cache, cache_offset=first)
+            torch.testing.assert_close(got, full[:, 4:8], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("decoding", ["steps", "threshold"])
+def test_cached_modes_keep_the_record_invariants(model, tokenizer, cache, decoding):
+    cfg = replace(CFG, cache=cache, decoding=decoding, threshold=0.6, temperature=0.7)
+    ids, mask, traj, states = run(model, tokenizer, cfg)
+    assert (traj.completion != model.config.mask_token_id).all() and (traj.unmask_step >= 0).all()
+    block_of = torch.arange(cfg.gen_length) // cfg.block_length
+    for i in range(len(ids)):
+        steps = traj.unmask_step[i]
+        assert set(steps.tolist()) == set(range(int(traj.nfe[i])))  # each row's steps are 0..T_i - 1
+        assert (block_of[steps.argsort(stable=True)].diff() >= 0).all()  # blocks are decoded in order
+    if decoding == "steps":
+        assert traj.forward_passes == cfg.steps and (traj.nfe == cfg.steps).all()
+    assert torch.isfinite(traj.logp).all() and (traj.logp <= 0).all() and (traj.entropy >= 0).all()
+
+
+def test_cached_modes_equal_the_exact_mode_with_one_step_per_block(model, tokenizer):
+    """Every step opens a block, so every forward is a full pass: the cache never goes stale."""
+    cfg = replace(CFG, steps=CFG.gen_length // CFG.block_length, temperature=0.0)
+    ids, mask = mixed_prompts(tokenizer)
+    exact = generate(model, ids, mask, cfg)
+    for cache in ("prefix", "dual"):
+        cached = generate(model, ids, mask, replace(cfg, cache=cache))
+        assert torch.equal(cached.completion, exact.completion) and torch.equal(cached.unmask_step, exact.unmask_step)
+        torch.testing.assert_close(cached.logp, exact.logp, rtol=0, atol=1e-6)
+
+
+def test_cache_needs_a_model_that_supports_it(model, tokenizer):
+    class NoCache(torch.nn.Module):  # a remote-code model (LLaDA, Dream) without the tiny model's cache argument
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    ids, mask = prompts(tokenizer, 2)
+    with pytest.raises(ValueError, match=r"sampler.cache='dual' needs a model .*--sampler.cache none"):
+        generate(NoCache(), ids, mask, replace(CFG, cache="dual"))
+    assert generate(NoCache(), ids, mask, CFG).completion.shape == (2, CFG.gen_length)  # uncached works
