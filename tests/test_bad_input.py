@@ -161,3 +161,14 @@ def test_the_process_prints_one_line_and_the_traceback_only_when_asked(tmp_path)
     assert debug.stderr.rstrip().endswith("ValueError: --task hellaswag is evaluation-only (no train split); train "
                                           "on one of arithmetic, gsm8k, sudoku, and evaluate with `python -m harness "
                                           "eval --tasks hellaswag`")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("arithmetic:ten", "pretrain --tasks 'arithmetic:ten' must look like 'arithmetic:3000,sudoku:200' (task:steps)"),
+    ("arith:10", "unknown task 'arith'; known tasks: arithmetic, "),
+    ("humaneval:10", "humaneval is evaluation-only: it has no 'train' split"),
+])
+def test_pretrain_task_budgets(spec, expected, tmp_path, data, capsys):
+    data()
+    assert expected in error_of(["pretrain", "--tasks", spec, "--out", str(tmp_path / "base")], capsys)
+    assert not (tmp_path / "base").exists()
