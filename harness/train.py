@@ -18,7 +18,8 @@ A run resumes from its last complete checkpoint when started again with the same
 may grow), however it was stopped (SIGKILL in a step or in a checkpoint write; config.json and metrics.jsonl
 deleted), and ends bit-identical on CPU to a run that was never stopped: the checkpoint holds the weights, the
 optimizer, the reference, the RNG states (torch, numpy, python, the rollout and batch-seed generators), the
-resolved config and the metrics rows so far.
+resolved config and the metrics rows so far. A checkpoint of another configuration or initial model is an error,
+or with `restart_if_changed` discarded. Resuming assumes the code did not change in between.
 
 A NaN/Inf loss or gradient norm stops the run with an error naming the step, the inner iteration and the last
 good checkpoint; with `nonfinite_skips` N > 0 such an optimizer step is skipped instead (no update; counted
@@ -37,6 +38,7 @@ import copy
 import dataclasses
 import random
 import resource
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -93,6 +95,9 @@ class TrainConfig:
     """checkpoint every this many steps (and at the last)"""
     nonfinite_skips: int = 0
     """optimizer steps in a row that may be skipped for a NaN/Inf loss or gradient; 0 = stop at the first"""
+    restart_if_changed: bool = False
+    """a checkpoint in the run folder from another configuration or initial model: false = stop with an error,
+    true = discard it and start afresh (the workflow's setting: Snakemake reruns a job whose params or input changed)"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=0.9))
@@ -140,11 +145,16 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         g.set_state(state[k])
 
 
-def _without_steps(resolved: dict) -> dict:
-    """The resolved config minus the step budget: a run may be resumed with a larger --steps."""
+def _origin(cfg: TrainConfig, resolved: dict) -> dict:
+    """What a checkpoint must match to be resumed: the resolved config minus the step budget (a run may be
+    extended) and the restart policy, plus the initial model folder's files (name, size, mtime), so that a
+    retrained base is not resumed from a checkpoint of the old one."""
     resolved = runs.jsonable(resolved)
-    resolved["train"].pop("steps")
-    return resolved
+    for name in ("steps", "restart_if_changed"):
+        resolved["train"].pop(name)
+    model = Path(cfg.model)
+    files = sorted(model.iterdir()) if model.is_dir() else []
+    return {**resolved, "model_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 def train(cfg: TrainConfig, algo_cfg=None) -> Path:
@@ -163,10 +173,14 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     resolved = {"train": dataclasses.asdict(cfg), "algo": dataclasses.asdict(algo_cfg),
                 "sampler": dataclasses.asdict(sampler_cfg), "eval_sampler": dataclasses.asdict(eval_cfg)}
     train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]  # bad data fails before any write
-    state = runs.load_state(ckpt)
-    if state is not None and _without_steps(state["config"]) != _without_steps(resolved):
-        raise ValueError(f"{run} holds a checkpoint of a different configuration (only --steps may change on "
-                         f"resume); delete the folder or pick another --out to start a new run")
+    state, origin = runs.load_state(ckpt), _origin(cfg, resolved)
+    if state is not None and state["origin"] != origin:
+        if not cfg.restart_if_changed:
+            raise ValueError(f"{run} holds a checkpoint of a different configuration or initial model (only --steps "
+                             f"may change on resume); delete the folder, pick another --out, or pass "
+                             f"--restart_if_changed true to start afresh")
+        shutil.rmtree(ckpt)
+        state = None
 
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load(ckpt / "model" if state else cfg.model)
@@ -284,7 +298,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         if step % cfg.save_every == 0 or step == cfg.steps:
             runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
                 "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
-                "rng": _rng_state(generators), "config": runs.jsonable(resolved), "nonfinite_run": nonfinite_run,
+                "rng": _rng_state(generators), "origin": origin, "nonfinite_run": nonfinite_run,
                 "metrics": runs.read_metrics(run / "metrics.jsonl")})
             saved = step
     return run

@@ -144,7 +144,7 @@ def test_model_folders_without_a_mask_token_or_missing(no_mask_model, tmp_path, 
 def test_changed_config_on_resume_and_unknown_eval_task(model_dir, tmp_path, capsys):
     run = tiny_run(model_dir, tmp_path / "run", "d1", steps=1)
     args = ["train", "--algo", "d1", "--task", "sudoku", "--model", str(model_dir), "--out", str(run)]
-    assert "holds a checkpoint of a different configuration" in error_of(args + ["--lr", "0.5"], capsys)
+    assert "holds a checkpoint of a different configuration or initial model" in error_of(args + ["--lr", "0.5"], capsys)
     assert "unknown task 'gsm9k'" in error_of(["eval", "--model", str(model_dir), "--tasks", "gsm9k", "--out",
                                                str(tmp_path / "e.json")], capsys)
     assert not (tmp_path / "e.json").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import pytest
 
 from harness import runs
 from harness.cli import main
-from tests.test_algorithms import untimed
+from tests.conftest import make_model
+from tests.test_algorithms import tiny_run, untimed
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
@@ -129,3 +131,16 @@ def test_killed_at_random_times_resumes_bit_identically(model_dir, tmp_path, ref
     assert proc.wait(300) == 0, proc.stderr.read()[-3000:]
     proc.stderr.close()
     assert outcome(run) == reference[0], f"killed (metrics rows before, after): {kills}"
+
+
+def test_a_checkpoint_of_another_base_is_an_error_or_with_restart_if_changed_discarded(model_dir, tokenizer, tmp_path):
+    """What Snakemake reruns after the base was retrained: same config, new initial weights."""
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    tiny_run(base, tmp_path / "run", "d1", steps=1)
+    runs.save_model(make_model(tokenizer, seed=1), tokenizer, base)
+    with pytest.raises(ValueError, match="holds a checkpoint of a different configuration or initial model"):
+        tiny_run(base, tmp_path / "run", "d1", steps=1)
+    restarted = tiny_run(base, tmp_path / "run", "d1", steps=1, restart_if_changed=True)
+    fresh = tiny_run(base, tmp_path / "fresh", "d1", steps=1)
+    assert outcome(restarted) == outcome(fresh)
