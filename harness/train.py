@@ -98,6 +98,9 @@ class TrainConfig:
     restart_if_changed: bool = False
     """a checkpoint in the run folder from another configuration or initial model: false = stop with an error,
     true = discard it and start afresh (the workflow's setting: Snakemake reruns a job whose params or input changed)"""
+    snapshot_every: int = 0
+    """also keep the model every this many steps (and at the last) in snapshots/step{N}/ for later
+    evaluation (the workflow's lm-eval convergence curves); 0 = none"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=0.9))
@@ -295,6 +298,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         runs.append_metrics(run / "metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}" if losses else "skipped",
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
+        if cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps):
+            runs.save_model(accelerator.unwrap_model(policy), tokenizer, run / "snapshots" / f"step{step}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
                 "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
