@@ -6,7 +6,8 @@
         metrics.jsonl     one JSON object per RL step
         checkpoint/       model/ (save_pretrained + tokenizer) and state.pt (step, optimizer, reference, RNGs, the
                           resolved config and the metrics rows so far: a run resumes even when config.json and
-                          metrics.jsonl were deleted, as Snakemake does before rerunning a job); git-ignored
+                          metrics.jsonl were deleted, as Snakemake does before rerunning a job) and hard links
+                          to the snapshots so far; git-ignored
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash leaves
 either the old complete file or the new complete one, never half of either.
@@ -115,15 +116,30 @@ def save_model(model, tokenizer, folder: Path) -> None:
     _replace_dir(tmp, folder)
 
 
-def save_checkpoint(folder: Path, model, tokenizer, state: dict) -> None:
-    """checkpoint/ = model/ + state.pt, written as one folder and swapped in whole."""
+def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: Path | None = None) -> None:
+    """checkpoint/ = model/ + state.pt (+ hard links to the folders in `keep`, e.g. the run's snapshots, which
+    Snakemake deletes with the job's other outputs before rerunning it), written as one folder, swapped in whole."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     torch.save(state, tmp / "state.pt")
+    if keep is not None:
+        link_missing(keep, tmp / Path(keep).name)
     _replace_dir(tmp, folder)
+
+
+def link_missing(src: Path, dst: Path) -> None:
+    """Give folder `dst` each folder of `src` that it lacks, as hard links (no data is copied: files here are
+    replaced, never modified in place), each moved into place whole."""
+    src, dst = Path(src), Path(dst)
+    for entry in sorted(src.iterdir()) if src.is_dir() else []:
+        if entry.is_dir() and not entry.name.startswith(".") and not (dst / entry.name).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dst, prefix=f".{entry.name}."))
+            shutil.copytree(entry, tmp, copy_function=os.link, dirs_exist_ok=True)
+            os.replace(tmp, dst / entry.name)
 
 
 def load_state(folder: Path) -> dict | None:

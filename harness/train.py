@@ -18,7 +18,7 @@ A run resumes from its last complete checkpoint when started again with the same
 may grow), however it was stopped (SIGKILL in a step or in a checkpoint write; config.json and metrics.jsonl
 deleted), and ends bit-identical on CPU to a run that was never stopped: the checkpoint holds the weights, the
 optimizer, the reference, the RNG states (torch, numpy, python, the rollout and batch-seed generators), the
-resolved config and the metrics rows so far. A checkpoint of another configuration or initial model is an error,
+resolved config, the metrics rows and the snapshots so far. A checkpoint of another configuration or initial model is an error,
 or with `restart_if_changed` discarded. Resuming assumes the code did not change in between.
 
 A NaN/Inf loss or gradient norm stops the run with an error naming the step, the inner iteration and the last
@@ -116,8 +116,9 @@ class TrainConfig:
                      "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be a positive integer")
-        if self.nonfinite_skips < 0 or self.threads < 0:
-            raise ValueError(f"--nonfinite_skips={self.nonfinite_skips} and --threads={self.threads} must be >= 0")
+        for name in ("nonfinite_skips", "snapshot_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
 
 
 class ForwardCounter:
@@ -215,6 +216,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         ref.load_state_dict(state["ref"])
         _set_rng_state(state["rng"], generators)
         runs.write_text(run / "metrics.jsonl", "".join(runs.dumps(r) + "\n" for r in state["metrics"]))
+        runs.link_missing(ckpt / "snapshots", run / "snapshots")
+        tqdm.write(f"resuming {run} from its checkpoint of step {start}")
 
     def evaluate_now() -> dict:
         counter.phase = "eval"
@@ -304,6 +307,6 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
                 "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
                 "rng": _rng_state(generators), "origin": origin, "nonfinite_run": nonfinite_run,
-                "metrics": runs.read_metrics(run / "metrics.jsonl")})
+                "metrics": runs.read_metrics(run / "metrics.jsonl")}, keep=run / "snapshots")
             saved = step
     return run

@@ -5,7 +5,9 @@ bit-identical to a run that was never stopped."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -14,14 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness import runs
 from harness.cli import main
+from harness.train import TrainConfig, train
 from tests.conftest import make_model
 from tests.test_algorithms import tiny_run, untimed
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 5
+STEPS = 4
 
 # Runs `python -m harness train ARGS`, SIGKILLing itself at the point named by argv[1] ("-" = never):
 #   state:N    the N-th checkpoint write, after the model files and before state.pt (a half-written temporary)
@@ -59,18 +63,19 @@ def update(self, *a, **kw):
 
 os.replace, torch.save, torch.optim.AdamW.step = replace, save, update
 from harness.cli import main
+from harness.train import TrainConfig, train
 main(["train", *sys.argv[2:]])
 """
 
 
-def train_args(model_dir, out) -> list[str]:
-    return ["--algo", "d1", "--task", "sudoku", "--model", str(model_dir), "--out", str(out), "--steps", str(STEPS),
+def train_args(model, out) -> list[str]:
+    return ["--algo", "d1", "--task", "sudoku", "--model", str(model), "--out", str(out), "--steps", str(STEPS),
             "--prompts_per_step", "2", "--group_size", "4", "--micro_batch_size", "4", "--eval_limit", "4",
             "--eval_every", "2", "--save_every", "1", "--lr", "1e-3", "--threads", "1", "--algo.num_iterations", "2"]
 
 
-def launch(point: str, model_dir, out) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DRIVER, point, *train_args(model_dir, out)], cwd=ROOT,
+def launch(point: str, model, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, point, *train_args(model, out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -86,20 +91,21 @@ def outcome(run: Path) -> tuple[list[dict], str]:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, tmp_path_factory):
+def reference(trained_dir, tmp_path_factory):
     """The uninterrupted run, in-process through the same CLI, and the seconds from writing config.json (after
     loading the model) to the end."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    main(["train", *train_args(model_dir, out)])
+    main(["train", *train_args(trained_dir, out)])
+    assert any(row["reward/std"] > 0 for row in runs.read_metrics(out / "metrics.jsonl")[1:])  # a real signal
     return outcome(out), time.time() - (out / "config.json").stat().st_mtime
 
 
-def test_killed_in_checkpoint_writes_steps_and_metrics_writes_resumes_bit_identically(model_dir, tmp_path,
+def test_killed_in_checkpoint_writes_steps_and_metrics_writes_resumes_bit_identically(trained_dir, tmp_path,
                                                                                      reference):
     run = tmp_path / "run"
     # each launch resumes from the last complete checkpoint of the previous one and is killed again
     for point in ("state:2", "update:3", "swap:1", "metrics:2"):
-        proc = launch(point, model_dir, run)
+        proc = launch(point, trained_dir, run)
         assert proc.wait(300) == -signal.SIGKILL, f"{point}: {proc.stderr.read()[-3000:]}"
         proc.stderr.close()
         if point == "swap:1":
@@ -108,18 +114,18 @@ def test_killed_in_checkpoint_writes_steps_and_metrics_writes_resumes_bit_identi
             (run / "metrics.jsonl").unlink()
             (run / "config.json").unlink()
     assert list(run.glob(".metrics.jsonl.*")), "the metrics:2 kill should leave a temporary behind"
-    proc = launch("-", model_dir, run)
+    proc = launch("-", trained_dir, run)
     assert proc.wait(300) == 0, proc.stderr.read()[-3000:]
     proc.stderr.close()
     assert outcome(run) == reference[0]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl", "provenance.json"]
 
 
-def test_killed_at_random_times_resumes_bit_identically(model_dir, tmp_path, reference):
+def test_killed_at_random_times_resumes_bit_identically(trained_dir, tmp_path, reference):
     rng, run, kills = random.Random(), tmp_path / "run", []
-    for _ in range(3):
+    for _ in range(2):
         done = len(runs.read_metrics(run / "metrics.jsonl"))  # steps done so far (+1 for step 0)
-        launched, proc = time.time(), launch("-", model_dir, run)
+        launched, proc = time.time(), launch("-", trained_dir, run)
         while proc.poll() is None and not started(run, launched):
             time.sleep(0.02)
         time.sleep(rng.uniform(0, reference[1] * (STEPS + 1 - done) / (STEPS + 1)))  # somewhere in what is left
@@ -127,7 +133,7 @@ def test_killed_at_random_times_resumes_bit_identically(model_dir, tmp_path, ref
         assert proc.wait(60) in (-signal.SIGKILL, 0), proc.stderr.read()[-3000:]
         proc.stderr.close()
         kills.append((done, len(runs.read_metrics(run / "metrics.jsonl"))) if proc.returncode else "finished")
-    proc = launch("-", model_dir, run)
+    proc = launch("-", trained_dir, run)
     assert proc.wait(300) == 0, proc.stderr.read()[-3000:]
     proc.stderr.close()
     assert outcome(run) == reference[0], f"killed (metrics rows before, after): {kills}"
@@ -144,3 +150,40 @@ def test_a_checkpoint_of_another_base_is_an_error_or_with_restart_if_changed_dis
     restarted = tiny_run(base, tmp_path / "run", "d1", steps=1, restart_if_changed=True)
     fresh = tiny_run(base, tmp_path / "fresh", "d1", steps=1)
     assert outcome(restarted) == outcome(fresh)
+
+
+def test_an_interrupted_workflow_job_resumes_bit_identically(trained_dir, tmp_path):
+    """Snakemake SIGKILLed with its train job after the checkpoint of step 2; `snakemake --unlock` and
+    `--rerun-incomplete` delete the job's outputs (metrics.jsonl, config.json, snapshots/) and rerun it: the
+    harness resumes and restores them, and the run ends as one that was never stopped."""
+    from tests.test_workflow import snakemake
+
+    work, config = tmp_path / "work", yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    base, run = work / "results/base/resume", work / "results/runs/resume/sudoku/d1/seed0"
+    shutil.copytree(trained_dir, base)  # the fixture's base stands in for the pretrain rule's output
+    (base / "pretrain.json").write_text("{}")
+    config.update(profile="resume", algorithms=["d1"], tasks=["sudoku"])
+    config["train"].update(steps=6, save_every=1, eval_every=3)
+    config["lm_eval"].update(enabled=True, snapshot_every=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    where = ("--snakefile", str(ROOT / "workflow/Snakefile"), "--directory", str(work), "--configfile",
+             str(tmp_path / "config.yaml"))
+    job = (*where, "--cores", "1", str(run.relative_to(work) / "metrics.jsonl"))
+
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *job], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (run / "checkpoint/snapshots/step2").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert snakemake(*where, "--unlock").returncode == 0
+    done = snakemake(*job, "--rerun-incomplete", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert re.search(r"resuming .* from its checkpoint of step [2-5]", (run / "train.log").read_text())
+
+    reference = train(TrainConfig(algo="d1", task="sudoku", model=str(base), out=str(tmp_path / "reference"),
+                                  profile="resume", threads=1, snapshot_every=2, **config["train"]))
+    assert outcome(run) == outcome(reference)
+    for step in (2, 4, 6):
+        snapshot = [(folder / f"snapshots/step{step}/model.safetensors").read_bytes() for folder in (run, reference)]
+        assert snapshot[0] == snapshot[1], step
