@@ -172,3 +172,16 @@ def test_pretrain_task_budgets(spec, expected, tmp_path, data, capsys):
     data()
     assert expected in error_of(["pretrain", "--tasks", spec, "--out", str(tmp_path / "base")], capsys)
     assert not (tmp_path / "base").exists()
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"steps": 2, "lrr": 0.1}, "Additional properties are not allowed ('lrr' was unexpected)"),
+    ({"steps": "two"}, "'two' is not of type 'integer'"),
+    ({"steps": 2, "nonfinite_skips": -1}, "-1 is less than the minimum of 0"),
+])
+def test_workflow_config_keys_and_types_are_checked_before_anything_runs(train, message, tmp_path):
+    from tests.test_workflow import snakemake
+
+    (tmp_path / "bad.yaml").write_text(json.dumps({"train": train}))  # JSON is YAML
+    done = snakemake("-n", "--configfile", "config/config.yaml", str(tmp_path / "bad.yaml"))
+    assert done.returncode != 0 and message in done.stdout, done.stdout[-2000:]
