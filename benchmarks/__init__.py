@@ -8,7 +8,8 @@ A task module defines
   reward(completion, example)       -> float in [0, 1]: the RL reward *and* the evaluation metric
 
 Two kinds of task need less:
-  evaluation-only tasks (humaneval, hellaswag) have no train split: load("train") raises ValueError.
+  evaluation-only tasks (humaneval, hellaswag) set EVALUATION_ONLY = True and have no train split:
+                        load("train") raises ValueError, and `python -m harness train` refuses them.
   multiple-choice tasks (hellaswag) define choices(example) -> list[str] instead of the sampler lengths;
                         they are scored by the log-likelihood of each choice (lm-eval `multiple_choice`),
                         target(example) is the gold choice and reward(choice, example) scores a picked one.
@@ -43,22 +44,39 @@ def data_dir() -> Path:
     return path
 
 
-def read(local: str, hub: str, config: str | None, split: str) -> list[dict]:
+def read(local: str, hub: str, config: str | None, split: str, fields: tuple[str, ...]) -> list[dict]:
     """Records of a real benchmark split: the JSON-lines file `local` (optionally .gz) under $DLLM_DATA_DIR
-    when that is set, else the Hugging Face Hub dataset `hub` (config, split)."""
+    when that is set, else the Hugging Face Hub dataset `hub` (config, split). Every record must be a JSON
+    object with `fields`; a bad one is a ValueError naming the file and line (or Hub row)."""
     if os.environ.get("DLLM_DATA_DIR"):
         path = data_dir() / local
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; DLLM_DATA_DIR must hold {local} (see its README)")
         with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    import datasets
+            lines = [(f"{path}, line {n}", line) for n, line in enumerate(f, 1) if line.strip()]
+        records = []
+        for where, line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e}); repair or remove the line, or restore the file "
+                                 f"from the source its README names") from None
+        places = [where for where, _ in lines]
+    else:
+        import datasets
 
-    try:
-        return list(datasets.load_dataset(hub, config, split=split))
-    except ConnectionError as e:  # offline mode raises a subclass of it
-        raise ConnectionError(f"cannot load {hub} from the Hub ({e}); offline, set DLLM_DATA_DIR to the data "
-                              f"folder holding {local}") from e
+        try:
+            records = list(datasets.load_dataset(hub, config, split=split))
+        except ConnectionError as e:  # offline mode raises a subclass of it
+            raise ConnectionError(f"cannot load {hub} from the Hub ({e}); offline, set DLLM_DATA_DIR to the data "
+                                  f"folder holding {local}") from e
+        places = [f"{hub} ({split}), row {n}" for n in range(len(records))]
+    for where, record in zip(places, records):
+        missing = [name for name in fields if name not in record] if isinstance(record, dict) else list(fields)
+        if missing:
+            raise ValueError(f"{where}: the record lacks {', '.join(missing)} (a {local} record needs "
+                             f"{', '.join(fields)}); repair or remove it")
+    return records
 
 
 def _discover() -> dict[str, ModuleType]:

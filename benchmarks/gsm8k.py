@@ -33,7 +33,7 @@ IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]  # lm-eval gsm8k.yaml v3.0 exact_ma
 def load(split: str) -> list[dict]:
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r} for gsm8k; use 'train' or 'test'")
-    return benchmarks.read(f"gsm8k/{split}.jsonl", "openai/gsm8k", "main", split)
+    return benchmarks.read(f"gsm8k/{split}.jsonl", "openai/gsm8k", "main", split, ("question", "answer"))
 
 
 def prompt(example: dict) -> str:

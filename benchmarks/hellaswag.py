@@ -19,6 +19,8 @@ import re
 
 import benchmarks
 
+EVALUATION_ONLY = True
+
 
 def clean(text: str) -> str:
     """lm-eval hellaswag `preprocess`: strip, `[title]` -> `. `, drop `[...]` tags, collapse double spaces."""
@@ -30,7 +32,8 @@ def clean(text: str) -> str:
 def load(split: str) -> list[dict]:
     if split != "test":
         raise ValueError(f"hellaswag is evaluation-only: it has no {split!r} split, only 'test' (the validation set)")
-    records = benchmarks.read("hellaswag/hellaswag_val.jsonl", "Rowan/hellaswag", None, "validation")
+    records = benchmarks.read("hellaswag/hellaswag_val.jsonl", "Rowan/hellaswag", None, "validation",
+                              ("activity_label", "ctx_a", "ctx_b", "endings", "label"))
     return [{**r, "query": clean(f"{r['activity_label']}: {r['ctx_a']} {r['ctx_b'].capitalize()}"),
              "choices": [clean(e) for e in r["endings"]], "gold": int(r["label"])} for r in records]
 

@@ -22,13 +22,15 @@ import benchmarks
 from benchmarks.sandbox import check_humaneval
 
 GEN_LENGTH, BLOCK_LENGTH, STEPS = 256, 32, 128
+EVALUATION_ONLY = True
+FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
 @functools.cache
 def load(split: str) -> list[dict]:
     if split != "test":
         raise ValueError(f"humaneval is evaluation-only: it has no {split!r} split, only 'test'")
-    return benchmarks.read("humaneval/HumanEval.jsonl.gz", "openai/openai_humaneval", None, "test")
+    return benchmarks.read("humaneval/HumanEval.jsonl.gz", "openai/openai_humaneval", None, "test", FIELDS)
 
 
 def prompt(example: dict) -> str:

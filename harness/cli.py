@@ -4,6 +4,11 @@ Every dataclass field becomes a flag whose help is the field's docstring: TrainC
 the sampler's as `--sampler.name` and `--eval_sampler.name`, and the chosen method's Config as
 `--algo.name` (run `python -m harness train --algo NAME --help` to see a method's own fields); EvalConfig
 fields as `--name` and its sampler's as `--sampler.name`.
+
+Bad input (an unknown or mistyped flag, a value of the wrong type, an unknown method or task, lengths that do
+not fit, a missing or malformed data file, a model folder without a mask token, NaN/Inf in training) ends
+with one line `error: <message>` on stderr and a non-zero exit status (2 for flags, 1 otherwise), before
+anything is written; set DLLM_DEBUG=1 to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
+import os
 import sys
 import textwrap
 import typing
@@ -21,6 +28,16 @@ import algorithms
 from harness import evaluate
 from harness.pretrain import PretrainConfig, pretrain
 from harness.train import TrainConfig, train
+
+# what bad input raises, each with a message that names the value, the place and the fix
+EXPECTED = (ValueError, KeyError, TypeError, FileNotFoundError, ConnectionError, FloatingPointError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line pointing at --help, instead of a usage line listing every flag."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -73,9 +90,17 @@ def build(base, values: dict, prefix: str = ""):
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    try:
+        _main(sys.argv[1:] if argv is None else argv)
+    except EXPECTED as e:
+        if os.environ.get("DLLM_DEBUG"):
+            raise
+        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")  # KeyError's str() quotes
+
+
+def _main(argv: list[str]) -> None:
+    parser = Parser(prog="python -m harness", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     pre = commands.add_parser("pretrain", help="build the tiny base model (tokenizer + masked-diffusion SFT)",
                               allow_abbrev=False)
@@ -93,7 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     algo = algorithms.get(algo_name)
     add_fields(tr, algo.Config(), "algo.")
 
-    values = vars(parser.parse_args(argv))
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = commands.choices[namespace.command]
+        guesses = {g for flag in unknown if flag.startswith("--")
+                   for g in difflib.get_close_matches(flag.split("=")[0], sub._option_string_actions, n=1)}
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}"
+                  + (f" (did you mean {', '.join(sorted(guesses))}?)" if guesses else ""))
+    values = vars(namespace)
     command = values.pop("command")
     if command == "pretrain":
         print(json.dumps(pretrain(build(PretrainConfig(), values)), indent=2))

@@ -4,7 +4,10 @@
         config.json       the fully resolved configuration that ran
         provenance.json   git sha and dirty flag, package versions, device, start time
         metrics.jsonl     one JSON object per RL step
-        checkpoint/       model/ (save_pretrained + tokenizer) and state.pt (optimizer, RNGs, step); git-ignored
+        checkpoint/       model/ (save_pretrained + tokenizer) and state.pt (step, optimizer, reference, RNGs, the
+                          resolved config and the metrics rows so far: a run resumes even when config.json and
+                          metrics.jsonl were deleted, as Snakemake does before rerunning a job) and hard links
+                          to the snapshots so far; git-ignored
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash leaves
 either the old complete file or the new complete one, never half of either.
@@ -113,17 +116,41 @@ def save_model(model, tokenizer, folder: Path) -> None:
     _replace_dir(tmp, folder)
 
 
-def save_checkpoint(folder: Path, model, tokenizer, state: dict) -> None:
-    """checkpoint/ = model/ + state.pt, written as one folder and swapped in whole."""
+def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: Path | None = None) -> None:
+    """checkpoint/ = model/ + state.pt (+ hard links to the folders in `keep`, e.g. the run's snapshots, which
+    Snakemake deletes with the job's other outputs before rerunning it), written as one folder, swapped in whole."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     torch.save(state, tmp / "state.pt")
+    if keep is not None:
+        link_missing(keep, tmp / Path(keep).name)
     _replace_dir(tmp, folder)
 
 
+def link_missing(src: Path, dst: Path) -> None:
+    """Give folder `dst` each folder of `src` that it lacks, as hard links (no data is copied: files here are
+    replaced, never modified in place), each moved into place whole."""
+    src, dst = Path(src), Path(dst)
+    for entry in sorted(src.iterdir()) if src.is_dir() else []:
+        if entry.is_dir() and not entry.name.startswith(".") and not (dst / entry.name).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dst, prefix=f".{entry.name}."))
+            shutil.copytree(entry, tmp, copy_function=os.link, dirs_exist_ok=True)
+            os.replace(tmp, dst / entry.name)
+
+
 def load_state(folder: Path) -> dict | None:
-    path = Path(folder) / "state.pt"
+    """The state of the last complete checkpoint in `folder` (None if there is none), after cleaning up what a
+    crash left: a kill between the two renames of `_replace_dir` leaves the previous checkpoint complete under
+    `.checkpoint.old`, which is moved back; half-written temporaries (`.<name>.*`) of the run folder are removed."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.is_dir() and not folder.exists():
+        os.replace(old, folder)
+    for tmp in folder.parent.glob(".*.*"):  # temporaries of write_text, save_model and save_checkpoint
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    path = folder / "state.pt"
     return torch.load(path, weights_only=False) if path.exists() else None

@@ -7,12 +7,23 @@
         batch    <- algo.prepare(policy, ref, batch, cfg)   (no grad)           ALGORITHM seam
         for it in 0..mu-1:                                  (one optimizer step each)
             for micro-batch in batch:  loss <- algo.loss(policy, ref, mb, cfg); backward    ALGORITHM seam
-            clip grad norm; optimizer step
+            clip grad norm; optimizer step (a NaN/Inf loss or gradient stops the run, or skips the step)
         algo.after_step(policy, ref, step, cfg)                                  ALGORITHM seam
         metrics.jsonl row; test evaluation every `eval_every` steps; checkpoint every `save_every` steps
 
 Micro-batch losses are summed, not averaged: each method returns its micro-batch's share of the batch
-loss, so any split of a batch gives the same gradient. A run resumes from its last complete checkpoint.
+loss, so any split of a batch gives the same gradient.
+
+A run resumes from its last complete checkpoint when started again with the same configuration (only `steps`
+may grow), however it was stopped (SIGKILL in a step or in a checkpoint write; config.json and metrics.jsonl
+deleted), and ends bit-identical on CPU to a run that was never stopped: the checkpoint holds the weights, the
+optimizer, the reference, the RNG states (torch, numpy, python, the rollout and batch-seed generators), the
+resolved config, the metrics rows and the snapshots so far. A checkpoint of another configuration or initial model is an error,
+or with `restart_if_changed` discarded. Resuming assumes the code did not change in between.
+
+A NaN/Inf loss or gradient norm stops the run with an error naming the step, the inner iteration and the last
+good checkpoint; with `nonfinite_skips` N > 0 such an optimizer step is skipped instead (no update; counted
+as `nonfinite/skipped` in metrics.jsonl) and the run stops at the (N+1)-th in a row.
 
 Evaluation is greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
 `eval/nfe`: the comparable numbers). A method that declares a `sample` override is ALSO evaluated greedily
@@ -27,6 +38,7 @@ import copy
 import dataclasses
 import random
 import resource
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -83,6 +95,11 @@ class TrainConfig:
     """test items per evaluation"""
     save_every: int = 20
     """checkpoint every this many steps (and at the last)"""
+    nonfinite_skips: int = 0
+    """optimizer steps in a row that may be skipped for a NaN/Inf loss or gradient; 0 = stop at the first"""
+    restart_if_changed: bool = False
+    """a checkpoint in the run folder from another configuration or initial model: false = stop with an error,
+    true = discard it and start afresh (the workflow's setting: Snakemake reruns a job whose params or input changed)"""
     snapshot_every: int = 0
     """also keep the model every this many steps (and at the last) in snapshots/step{N}/ for later
     evaluation (the workflow's lm-eval convergence curves); 0 = none"""
@@ -95,6 +112,15 @@ class TrainConfig:
 
     def run_dir(self) -> Path:
         return Path(self.out or f"results/runs/{self.profile}/{self.task}/{self.algo}/seed{self.seed}")
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "eval_every", "eval_limit",
+                     "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be a positive integer")
+        for name in ("nonfinite_skips", "snapshot_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
 
 
 class ForwardCounter:
@@ -125,16 +151,25 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         g.set_state(state[k])
 
 
-def _without_steps(resolved: dict) -> dict:
-    """The resolved config minus the step budget: a run may be resumed with a larger --steps."""
+def _origin(cfg: TrainConfig, resolved: dict) -> dict:
+    """What a checkpoint must match to be resumed: the resolved config minus the step budget (a run may be
+    extended) and the restart policy, plus the initial model folder's files (name, size, mtime), so that a
+    retrained base is not resumed from a checkpoint of the old one."""
     resolved = runs.jsonable(resolved)
-    resolved["train"].pop("steps")
-    return resolved
+    for name in ("steps", "restart_if_changed"):
+        resolved["train"].pop(name)
+    model = Path(cfg.model)
+    files = sorted(model.iterdir()) if model.is_dir() else []
+    return {**resolved, "model_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     """Run (or resume) one training run and return its folder."""
     algo, task = algorithms.get(cfg.algo), benchmarks.get(cfg.task)
+    if getattr(task, "EVALUATION_ONLY", False):
+        trainable = [name for name, t in benchmarks.TASKS.items() if not getattr(t, "EVALUATION_ONLY", False)]
+        raise ValueError(f"--task {cfg.task} is evaluation-only (no train split); train on one of "
+                         f"{', '.join(trainable)}, and evaluate with `python -m harness eval --tasks {cfg.task}`")
     algo_cfg = algo_cfg or algo.Config()
     sampler_cfg, eval_cfg = cfg.sampler.resolve(task), cfg.eval_sampler.resolve(task)
     mu = getattr(algo_cfg, "num_iterations", 1)
@@ -143,10 +178,15 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     run, ckpt = cfg.run_dir(), cfg.run_dir() / "checkpoint"
     resolved = {"train": dataclasses.asdict(cfg), "algo": dataclasses.asdict(algo_cfg),
                 "sampler": dataclasses.asdict(sampler_cfg), "eval_sampler": dataclasses.asdict(eval_cfg)}
-    state = runs.load_state(ckpt)
-    if state is not None and _without_steps(runs.read_json(run / "config.json")) != _without_steps(resolved):
-        raise ValueError(f"{run} holds a checkpoint of a different configuration (only --steps may change on "
-                         f"resume); delete the folder or pick another --out to start a new run")
+    train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]  # bad data fails before any write
+    state, origin = runs.load_state(ckpt), _origin(cfg, resolved)
+    if state is not None and state["origin"] != origin:
+        if not cfg.restart_if_changed:
+            raise ValueError(f"{run} holds a checkpoint of a different configuration or initial model (only --steps "
+                             f"may change on resume); delete the folder, pick another --out, or pass "
+                             f"--restart_if_changed true to start afresh")
+        shutil.rmtree(ckpt)
+        state = None
 
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load(ckpt / "model" if state else cfg.model)
@@ -157,7 +197,6 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     ref.to(accelerator.device)
     counter = ForwardCounter(policy, ref)
 
-    train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]
     order = np.random.default_rng(cfg.seed).permutation(len(train_set))
     generators = {"rollout": torch.Generator().manual_seed(cfg.seed), "batch_seed": torch.Generator().manual_seed(cfg.seed + 1)}
     sample = None
@@ -166,18 +205,21 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             return algo.sample(model, ref, prompt_ids, prompt_mask, sampler, generator, algo_cfg)
     prepare = getattr(algo, "prepare", lambda policy, ref, batch, cfg: batch)
 
-    start = 0
+    start, saved, nonfinite_run = 0, None, 0  # saved: step of the last checkpoint; NaN/Inf updates in a row
     runs.write_json(run / "config.json", resolved)
-    if state is None:
+    if state is None or not (run / "provenance.json").exists():
         runs.write_json(run / "provenance.json", runs.provenance())
+    if state is None:
         runs.write_text(run / "metrics.jsonl", "")
     else:
-        start = state["step"]
+        start = saved = state["step"]
+        nonfinite_run = state["nonfinite_run"]
         optimizer.load_state_dict(state["optimizer"])
         ref.load_state_dict(state["ref"])
         _set_rng_state(state["rng"], generators)
-        runs.write_text(run / "metrics.jsonl", "".join(
-            runs.dumps(r) + "\n" for r in runs.read_metrics(run / "metrics.jsonl") if r["step"] <= start))
+        runs.write_text(run / "metrics.jsonl", "".join(runs.dumps(r) + "\n" for r in state["metrics"]))
+        runs.link_missing(ckpt / "snapshots", run / "snapshots")
+        tqdm.write(f"resuming {run} from its checkpoint of step {start}")
 
     def evaluate_now() -> dict:
         counter.phase = "eval"
@@ -209,23 +251,36 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         # ALGORITHM: mu optimizer steps on this batch, each summing the method's micro-batch losses.
         counter.phase = "training"
         policy.train()
-        losses, method_metrics, grad_norms = [], [], []
+        losses, method_metrics, grad_norms, skipped = [], [], [], 0
         for it in range(mu):
             batch.iteration = it
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
+            total, it_metrics, bad = 0.0, [], None
             for mb in batch.micro_batches(cfg.micro_batch_size):
                 loss, metrics = algo.loss(policy, ref, mb, algo_cfg)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at step {step}, inner iteration {it}; the last good "
-                        f"checkpoint is {ckpt if ckpt.exists() else 'none (no checkpoint yet)'}")
+                    bad = f"loss ({loss.item()})"
+                    break
                 accelerator.backward(loss)
                 total += loss.item()
-                method_metrics.append(metrics)
-            grad_norms.append(float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)))
+                it_metrics.append(metrics)
+            grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)) if bad is None else 0.0
+            if bad is None and not np.isfinite(grad_norm):
+                bad = f"gradient norm ({grad_norm})"
+            if bad:  # NaN/Inf: no update; stop unless the skip policy allows one more
+                nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
+                if nonfinite_run > cfg.nonfinite_skips:
+                    raise FloatingPointError(
+                        f"non-finite {bad} at step {step}, inner iteration {it}"
+                        f"{f' ({nonfinite_run} in a row)' if cfg.nonfinite_skips else ''}; the last good checkpoint "
+                        f"is {f'{ckpt} (step {saved})' if saved is not None else 'none (nothing saved yet)'}; "
+                        f"lower --lr or --max_grad_norm, or skip such updates with --nonfinite_skips N")
+                continue
             optimizer.step()
+            nonfinite_run = 0
             losses.append(total)
+            grad_norms.append(grad_norm)
+            method_metrics += it_metrics
         # ALGORITHM: optional update of the reference/rollout model (e.g. LFPO's EMA).
         if hasattr(algo, "after_step"):
             algo.after_step(accelerator.unwrap_model(policy), ref, step, algo_cfg)
@@ -233,9 +288,10 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
 
         row = {
             "step": step, "reward/mean": batch.rewards.mean().item(), "reward/std": batch.rewards.std().item(),
-            "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+            "loss": float(np.mean(losses)) if losses else None,
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else None, "nonfinite/skipped": skipped,
             "rollout/nfe": batch.nfe.float().mean().item(),
-            **{f"algo/{k}": float(np.mean([m[k] for m in method_metrics])) for k in method_metrics[0]},
+            **{f"algo/{k}": float(np.mean([m[k] for m in method_metrics])) for k in (method_metrics or [{}])[0]},
             **{f"forward/{p}": counter.calls[p] - calls0[p] for p in ("rollout", "scoring", "training")},
             **{f"sequences/{p}": counter.rows[p] - rows0[p] for p in ("rollout", "scoring", "training")},
             "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
@@ -245,12 +301,14 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate_now())
         runs.append_metrics(run / "metrics.jsonl", row)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}",
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}" if losses else "skipped",
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
         if cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps):
             runs.save_model(accelerator.unwrap_model(policy), tokenizer, run / "snapshots" / f"step{step}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
                 "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
-                "rng": _rng_state(generators)})
+                "rng": _rng_state(generators), "origin": origin, "nonfinite_run": nonfinite_run,
+                "metrics": runs.read_metrics(run / "metrics.jsonl")}, keep=run / "snapshots")
+            saved = step
     return run

@@ -20,11 +20,11 @@ METHODS = sorted(algorithms.ALGORITHMS)
 TIMING = ("time/", "tokens_per_s", "peak_rss_mb")
 
 
-def tiny_run(model_dir, out, algo, seed=0, steps=2, **overrides):
+def tiny_run(model_dir, out, algo, seed=0, steps=2, algo_cfg=None, **overrides):
     settings = dict(algo=algo, task="sudoku", model=str(model_dir), out=str(out), seed=seed, steps=steps,
                     prompts_per_step=2, group_size=4, micro_batch_size=4, eval_every=steps, eval_limit=8,
                     save_every=steps, lr=1e-3)
-    return train(TrainConfig(**{**settings, **overrides}))
+    return train(TrainConfig(**{**settings, **overrides}), algo_cfg)
 
 
 def untimed(rows):
@@ -58,11 +58,17 @@ def test_one_training_step_is_finite_and_moves_the_weights(name, trained_dir, tm
 
 @pytest.mark.parametrize("name", METHODS)
 def test_same_seed_gives_identical_metrics_and_weights(name, trained_dir, tmp_path):
-    a, b = (tiny_run(trained_dir, tmp_path / x, name, seed=3) for x in "ab")
+    """2 RL steps, each with mu = 2 optimizer steps where the method has mu (a second inner iteration reuses
+    the batch: old-policy records, per-iteration seeds)."""
+    cfg = algorithms.get(name).Config()
+    cfg = dataclasses.replace(cfg, num_iterations=2) if hasattr(cfg, "num_iterations") else cfg
+    a, b = (tiny_run(trained_dir, tmp_path / x, name, seed=3, algo_cfg=cfg) for x in "ab")
+    updates = {float(s["step"]) for s in runs.load_state(a / "checkpoint")["optimizer"]["state"].values()}
+    assert updates == {2.0 * getattr(cfg, "num_iterations", 1)}  # 2 RL steps x mu optimizer steps
     assert untimed(runs.read_metrics(a / "metrics.jsonl")) == untimed(runs.read_metrics(b / "metrics.jsonl"))
     wa, wb = load_file(a / "checkpoint/model/model.safetensors"), load_file(b / "checkpoint/model/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    c = tiny_run(trained_dir, tmp_path / "c", name, seed=4)
+    c = tiny_run(trained_dir, tmp_path / "c", name, seed=4, algo_cfg=cfg)
     assert untimed(runs.read_metrics(a / "metrics.jsonl")) != untimed(runs.read_metrics(c / "metrics.jsonl"))
 
 

@@ -164,12 +164,15 @@ def test_printing_gigabytes_is_truncated(no_leftovers):
     assert result.stdout == "x" * 1000
 
 
-@pytest.fixture
-def sentinel():
-    """A root-owned 0644 file in a 0755 directory that the sandbox user can reach and read.
+@pytest.fixture(params=["/tmp", "/run"])
+def sentinel(request):
+    """A root-owned 0644 file in a 0755 directory, in /tmp (a scratch place: under the namespaces the program
+    gets its own empty /tmp and cannot even see it) and in /run (visible to it, read-only).
 
     Not pytest's tmp_path: its parent /tmp/pytest-of-<user> is 0700, which would make the check vacuous."""
-    with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+    if not os.access(request.param, os.W_OK):
+        pytest.skip(f"cannot create a sentinel in {request.param}")
+    with tempfile.TemporaryDirectory(dir=request.param, prefix="sandbox-sentinel-") as folder:
         os.chmod(folder, 0o755)
         path = Path(folder, "sentinel.txt")
         path.write_text("original")
@@ -180,7 +183,10 @@ def sentinel():
 def test_files_outside_are_protected(sentinel, no_leftovers):
     program = f"""import os, sys
 path = {str(sentinel)!r}
-print("read:", open(path).read())
+try:
+    print("read:", open(path).read())
+except OSError as e:
+    print("read failed:", type(e).__name__)
 attacks = {{"write": lambda: open(path, "w").write("pwned"), "append": lambda: open(path, "a").write("pwned"),
            "delete": lambda: os.remove(path), "chmod": lambda: os.chmod(path, 0o666),
            "rename": lambda: os.rename(path, path + ".moved"),
@@ -197,11 +203,34 @@ sys.exit(0 if done else 1)
     result = run_program(program, FAST)
     if isolation()["drop_privileges"]:
         assert not result.passed and result.returncode == 1, result
-        assert "read: original" in result.stdout and result.stdout.count("failed: PermissionError") == 6
+        hidden = isolation()["namespaces"] and sentinel.is_relative_to("/tmp")
+        assert ("read failed: FileNotFoundError" if hidden else "read: original") in result.stdout, result
+        assert result.stdout.count(" failed: ") == 6 + hidden, result  # every attack (and the read when hidden)
         assert sentinel.read_text() == "original" and sentinel.stat().st_mode & 0o777 == 0o644
         assert sorted(p.name for p in sentinel.parent.iterdir()) == ["sentinel.txt"]
     else:  # documented fallback: without root the program runs as the caller and can touch the caller's files
         assert result.passed
+
+
+def test_scratch_writes_vanish_and_cannot_fill_the_disk(no_leftovers):
+    token = f"sandbox-scratch-{uuid.uuid4().hex}"
+    places = [p for p in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(p)]
+    program = f"""import os
+for place in {places!r}:
+    open(os.path.join(place, {token!r}), "w").write("left behind")
+    print("wrote", place)
+for n in range(64):  # 1 MiB files, 64 MiB in all
+    with open(f"fill{{n}}", "wb") as f:
+        f.write(b"0" * (1 << 20))
+"""
+    result = run_program(program, Limits(timeout=5, scratch_bytes=8 << 20))
+    left = [p for p in places if os.path.exists(os.path.join(p, token))]
+    if not isolation()["namespaces"]:  # documented fallback: what it writes in world-writable places survives
+        for place in left:
+            os.remove(os.path.join(place, token))
+        return
+    assert result.stdout.count("wrote") == len(places) and left == [], result  # it wrote, into its own scratch
+    assert not result.passed and "No space left on device" in result.stderr, result  # full at 8 of its 64 MiB
 
 
 def test_environment_secret_is_not_passed(monkeypatch):

@@ -60,7 +60,7 @@ def test_resume_continues_bit_identically_and_runs_can_be_extended(model_dir, tm
 
 def test_changed_config_refuses_to_resume(model_dir, tmp_path):
     tiny_run(model_dir, tmp_path / "run", "d1", steps=1)
-    with pytest.raises(ValueError, match="holds a checkpoint of a different configuration"):
+    with pytest.raises(ValueError, match="holds a checkpoint of a different configuration or initial model"):
         tiny_run(model_dir, tmp_path / "run", "d1", steps=1, lr=0.5)
 
 

@@ -20,11 +20,12 @@ rule train:
     threads: 1
     resources:
         mem_mb=2000,  # measured peak RSS up to 1.7 GB (AGRPO on sudoku)
-    # A job always trains from scratch: Snakemake has deleted the run's outputs, so the harness must not
-    # resume from an old checkpoint. To resume a crashed run by hand, rerun the command recorded in its
-    # provenance.json: the harness continues from the last checkpoint.
+    # A job resumes from the run's checkpoint (git-ignored, not an output) when its config and base are those
+    # of the checkpoint, e.g. after a crash (`snakemake --rerun-incomplete`): the harness restores the outputs
+    # Snakemake deleted (metrics.jsonl and snapshots up to the checkpoint) and ends bit-identical to an
+    # uninterrupted run. When the params or the base changed, the old checkpoint is discarded.
     shell:
-        "rm -rf {params.run}/checkpoint && "
         "OMP_NUM_THREADS={threads} {params.harness} train --algo {wildcards.algo} "
         "--task {wildcards.task} --seed {wildcards.seed} --profile {wildcards.profile} "
-        "--model {params.base} --out {params.run} --threads {threads} {params.args} > {log} 2>&1"
+        "--model {params.base} --out {params.run} --threads {threads} --restart_if_changed true "
+        "{params.args} > {log} 2>&1"
