@@ -31,7 +31,9 @@ lm-eval's results dict plus ours under "harness" (see `run`). The same model fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import time
 import zlib
 from collections import defaultdict
@@ -62,19 +64,22 @@ class DiffusionLM(LM):
     """lm-eval model args: pretrained (a folder or hub id, or a loaded model with `tokenizer=`), batch_size
     (sequences per forward pass: prompts per sampler call; at least one request's 2 mc_samples ELBO copies),
     mc_samples, seed, add_bos_token, dtype, device, and every SamplerConfig field (gen_length, block_length,
-    steps, temperature, remasking, decoding, threshold, eb_gamma)."""
+    steps, temperature, remasking, decoding, threshold, eb_gamma). From Python only: `sample`, a method's
+    declared decoding override (the signature `harness.rollout.rollout` takes), used instead of the shared
+    sampler for generation."""
 
     def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 32, mc_samples: int = 64, seed: int = 0,
                  add_bos_token: bool = False, dtype: str | None = None, device: str | None = None,
-                 max_batch_size=None, **sampler):
+                 max_batch_size=None, sample=None, **sampler):
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r}: pass a positive integer (sequences per forward pass)")
         if int(mc_samples) < 1:
             raise ValueError(f"mc_samples={mc_samples!r} must be >= 1")
-        self.sampler = SamplerConfig(**sampler)
+        self.sampler, self.sample = SamplerConfig(**sampler), sample or generate
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.progress = self._rank == 0  # progress bars on the main process (off for the training loop's evaluation)
         # lm-eval's CLI passes device="cuda:0" by default; one device per process under accelerate launch
         usable = device and not (str(device).startswith("cuda") and not torch.cuda.is_available())
         self._device = torch.device(device) if usable and self._world_size == 1 else self.accelerator.device
@@ -142,7 +147,7 @@ class DiffusionLM(LM):
         for i, request in enumerate(requests):
             groups[(request.task_name, json.dumps(request.args[1], sort_keys=True, default=str))].append(i)
         generator = torch.Generator(self.device).manual_seed(self.seed)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or self.rank != 0)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
         for (task_name, _), indices in groups.items():
             gen_kwargs = requests[indices[0]].args[1]
             cfg = self._sampler_config(task_name, gen_kwargs)
@@ -154,7 +159,7 @@ class DiffusionLM(LM):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
-                traj = generate(self.model, prompt_ids, prompt_mask, cfg, generator)
+                traj = self.sample(self.model, prompt_ids, prompt_mask, cfg, generator)
                 for i, text, nfe in zip(chunk, decode(self.tokenizer, traj.completion), traj.nfe.tolist()):
                     for stop in until:
                         text = text.split(stop, 1)[0]
@@ -196,7 +201,7 @@ class DiffusionLM(LM):
                                                   "mc_samples": self.mc_samples, "seed": self.seed}}
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or self.rank != 0) as bar:
+        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or not self.progress) as bar:
             values = self._elbo([self._encode_pair(*r.args) for r in requests],
                                 [self._seed(r.args[0]) for r in requests], bar)
         self._likelihood_settings(requests)
@@ -208,7 +213,7 @@ class DiffusionLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         self._likelihood_settings(requests)
-        for request in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm or self.rank != 0):
+        for request in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm or not self.progress):
             (text,) = request.args
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 self._encode(text), self.prefix_token_id, self.max_length, context_len=1)]
@@ -276,6 +281,41 @@ class EvalConfig:
     """sampler for generation tasks (greedy); unset lengths come from each task, as in training"""
 
 
+def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sample=None,
+          batch_size: int = 64) -> dict[str, float] | None:
+    """lm-eval, in this process, of a loaded model on a generated-answer task of benchmarks/ (the training loop's
+    test evaluation): {"reward", "accuracy", "nfe"}, the means over the first `limit` test items of the task's
+    lm-eval metrics and of the forward passes per item. Greedy; `sample` evaluates a method's own decoding.
+
+    The global RNGs are left alone (lm-eval would reseed them in the middle of a training run), lm-eval's log is
+    kept to errors and the model's progress bars are off. Under `accelerate launch` every process must call it; the main process gets the
+    scores, the others None.
+    """
+    was_training = model.training
+    lm = DiffusionLM(model, tokenizer=tokenizer, batch_size=batch_size, sample=sample,
+                     **dataclasses.asdict(dataclasses.replace(sampler, temperature=0.0)))
+    lm.progress = False
+    lm_logger, level = logging.getLogger("lm_eval"), logging.getLogger("lm_eval").level
+    lm_logger.setLevel(logging.ERROR)
+    try:
+        result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=_manager(), limit=limit,
+                                         apply_chat_template=True, bootstrap_iters=0, random_seed=None,
+                                         numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None)
+    finally:
+        lm_logger.setLevel(level)
+        model.train(was_training)
+    nfe = [v for part in lm.gather_object(lm.nfe) or [] for v in part.values()]
+    if result is None:
+        return None
+    scores = result["results"][task]
+    return {"reward": scores["reward,none"], "accuracy": scores["accuracy,none"], "nfe": sum(nfe) / len(nfe)}
+
+
+@functools.cache
+def _manager() -> TaskManager:
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
 PER_TASK_KEYS = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
 
 
@@ -297,7 +337,7 @@ def run(cfg: EvalConfig) -> dict | None:
         benchmarks.get(name)  # an unknown name fails here, with the list of known tasks
     lm = DiffusionLM(cfg.model, batch_size=cfg.batch_size, mc_samples=cfg.mc_samples, seed=cfg.seed,
                      **dataclasses.asdict(cfg.sampler))
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    manager = _manager()
     merged, per_task, start = {}, {}, time.perf_counter()
     for name in tasks:
         t0 = time.perf_counter()

@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerFast
 import benchmarks
 from harness import runs
 from harness.model import token_logits
-from harness.rollout import encode_prompts, evaluate
+from harness.evaluate import score
+from harness.rollout import encode_prompts
 from harness.sampler import SamplerConfig
 from harness.tiny import TinyMDLM, TinyMDLMConfig
 
@@ -143,7 +144,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         bar.set_postfix(task=name, loss=f"{loss.item():.3f}")
     minutes = (time.time() - start) / 60
 
-    scores = {name: evaluate(model, tokenizer, task, task.load("test")[: cfg.eval_limit], SamplerConfig().resolve(task))
+    scores = {name: score(model, tokenizer, name, cfg.eval_limit, SamplerConfig().resolve(task))
               for name, task in tasks.items()}
     report = {"config": asdict(cfg), "minutes": round(minutes, 2), "parameters": sum(p.numel() for p in model.parameters()),
               "test": scores}

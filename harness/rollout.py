@@ -1,4 +1,5 @@
-"""The rollout record and the one path from prompts to rewarded samples (training and evaluation).
+"""The rollout record and the one path from prompts to rewarded samples (training; evaluation is lm-eval's,
+through `harness.evaluate`, on the same sampler and rewards).
 
 A `Batch` holds G completions per prompt, contiguous, with the sampler's trajectory record. Full
 intermediate states are never stored: `state_at` rebuilds any of them from (tokens, unmask step).
@@ -134,22 +135,3 @@ def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, gr
         extra=dict(traj.extra),
     )
     return batch, texts
-
-
-def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, batch_size: int = 64,
-             sample=None) -> dict[str, float]:
-    """Greedy evaluation: mean reward, accuracy (reward == 1) and mean NFE.
-
-    The shared sampler by default; `sample` (the signature `rollout` takes) evaluates a method's own decoding.
-    """
-    cfg = replace(cfg, temperature=0.0)
-    rewards, nfe = [], []
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(examples), batch_size):
-        batch, _ = rollout(model, tokenizer, task, examples[i:i + batch_size], cfg, group_size=1, sample=sample)
-        rewards.append(batch.rewards)
-        nfe.append(batch.nfe.float())
-    model.train(was_training)
-    rewards, nfe = torch.cat(rewards), torch.cat(nfe)
-    return {"reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(), "nfe": nfe.mean().item()}

@@ -25,7 +25,8 @@ A NaN/Inf loss or gradient norm stops the run with an error naming the step, the
 good checkpoint; with `nonfinite_skips` N > 0 such an optimizer step is skipped instead (no update; counted
 as `nonfinite/skipped` in metrics.jsonl) and the run stops at the (N+1)-th in a row.
 
-Evaluation is greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
+Evaluation is lm-eval in this process (`harness.evaluate.score`: the task's lm-eval task, whose metric is the
+task's reward, on the first `eval_limit` test items), greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
 `eval/nfe`: the comparable numbers). A method that declares a `sample` override is ALSO evaluated greedily
 with its own decoding, logged next to them as `eval_own/reward`, `eval_own/accuracy`, `eval_own/nfe`
 (DiFFPO: its learned EB threshold, accuracy vs NFE; AGRPO: random-order unmasking; LFPO: the EMA rollout
@@ -53,7 +54,8 @@ import algorithms
 import benchmarks
 from harness import runs
 from harness.model import load
-from harness.rollout import evaluate, rollout
+from harness.evaluate import score
+from harness.rollout import rollout
 from harness.sampler import SamplerConfig
 
 
@@ -178,7 +180,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     run, ckpt = cfg.run_dir(), cfg.run_dir() / "checkpoint"
     resolved = {"train": dataclasses.asdict(cfg), "algo": dataclasses.asdict(algo_cfg),
                 "sampler": dataclasses.asdict(sampler_cfg), "eval_sampler": dataclasses.asdict(eval_cfg)}
-    train_set, test_set = task.load("train"), task.load("test")[: cfg.eval_limit]  # bad data fails before any write
+    train_set = task.load("train")
+    task.load("test")  # bad data fails before any write
     state, origin = runs.load_state(ckpt), _origin(cfg, resolved)
     if state is not None and state["origin"] != origin:
         if not cfg.restart_if_changed:
@@ -223,10 +226,10 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
 
     def evaluate_now() -> dict:
         counter.phase = "eval"
-        row = {f"eval/{k}": v for k, v in evaluate(policy, tokenizer, task, test_set, eval_cfg).items()}
+        row = {f"eval/{k}": v for k, v in score(policy, tokenizer, cfg.task, cfg.eval_limit, eval_cfg).items()}
         if sample is not None:  # the method's own decoding, next to the shared (comparable) evaluation
             row.update({f"eval_own/{k}": v for k, v in
-                        evaluate(policy, tokenizer, task, test_set, eval_cfg, sample=sample).items()})
+                        score(policy, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample).items()})
         return row
 
     if start == 0:
