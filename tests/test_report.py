@@ -125,7 +125,7 @@ def test_lm_eval_table_has_a_row_per_metric_and_a_column_per_method(summary_csv)
     assert list(table["lm-eval metric"]) == ["gsm8k/exact_match/flexible-extract"] * 2  # seconds and counts are not scores
     assert table.loc[0, "lfpo"] == "0.050" and table.loc[0, "base"] == "0.000"
     empty = tables.lm_eval_table(summary[~summary.metric.str.startswith("lm_eval/")], METHODS, NAMES)
-    assert "lm_eval.enabled is false" in empty.iloc[0, 0]
+    assert "lm_eval.benchmarks is empty" in empty.iloc[0, 0]
 
 
 def test_every_reported_number_cites_a_spec_section():

@@ -163,8 +163,7 @@ def test_an_interrupted_workflow_job_resumes_bit_identically(trained_dir, tmp_pa
     shutil.copytree(trained_dir, base)  # the fixture's base stands in for the pretrain rule's output
     (base / "pretrain.json").write_text("{}")
     config.update(profile="resume", algorithms=["d1"], tasks=["sudoku"])
-    config["train"].update(steps=6, save_every=1, eval_every=3)
-    config["lm_eval"].update(enabled=True, snapshot_every=2)
+    config["train"].update(steps=6, save_every=1, eval_every=3, snapshot_every=2)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     where = ("--snakefile", str(ROOT / "workflow/Snakefile"), "--directory", str(work), "--configfile",
              str(tmp_path / "config.yaml"))
@@ -182,7 +181,7 @@ def test_an_interrupted_workflow_job_resumes_bit_identically(trained_dir, tmp_pa
     assert re.search(r"resuming .* from its checkpoint of step [2-5]", (run / "train.log").read_text())
 
     reference = train(TrainConfig(algo="d1", task="sudoku", model=str(base), out=str(tmp_path / "reference"),
-                                  profile="resume", threads=1, snapshot_every=2, **config["train"]))
+                                  profile="resume", threads=1, **config["train"]))
     assert outcome(run) == outcome(reference)
     for step in (2, 4, 6):
         snapshot = [(folder / f"snapshots/step{step}/model.safetensors").read_bytes() for folder in (run, reference)]

@@ -14,8 +14,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
 PROFILES = sorted(p.name for p in (ROOT / "config").glob("*.yaml"))  # every profile, a paper.yaml included
-LM_EVAL_ON = {"lm_eval": {"enabled": True, "snapshot_every": 1, "tasks": ["gsm8k", "hellaswag"], "limit": 2,
-                          "eb_gammas": [0.5, 2.0]}}
+LM_EVAL = {True: {"lm_eval": {"benchmarks": ["gsm8k", "hellaswag"], "benchmark_seeds": 2, "limit": 2,
+                               "eb_gammas": [0.5, 2.0]}},
+           False: {"lm_eval": {"benchmarks": [], "benchmark_seeds": 1, "limit": 2, "eb_gammas": []}}}
 
 
 def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -48,8 +49,10 @@ def test_lint_finds_nothing_but_the_missing_conda_environments():
 @pytest.mark.parametrize("profile", PROFILES)
 def test_dry_run_plans_every_method_task_and_seed(profile, lm_eval, tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / profile).read_text())
-    (tmp_path / "lm_eval.yaml").write_text(yaml.safe_dump(LM_EVAL_ON))
-    done = snakemake("-n", "-p", "--configfile", f"config/{profile}", *([str(tmp_path / "lm_eval.yaml")] if lm_eval else []))
+    """The train jobs of the grid; with lm-eval on, a frontier job per run (both gammas in one), a benchmark job per
+    run of the first benchmark_seeds seeds and one job for the base; with it off, no lm-eval job and no snapshot."""
+    (tmp_path / "lm_eval.yaml").write_text(yaml.safe_dump(LM_EVAL[lm_eval]))
+    done = snakemake("-n", "-p", "--configfile", f"config/{profile}", str(tmp_path / "lm_eval.yaml"))
     assert done.returncode == 0, done.stdout[-3000:]
     counts = job_counts(done.stdout)
     methods = METHODS if cfg["algorithms"] == "all" else cfg["algorithms"]
@@ -57,14 +60,13 @@ def test_dry_run_plans_every_method_task_and_seed(profile, lm_eval, tmp_path):
     assert counts["train"] == runs
     assert {"aggregate", "tables", "figures", "paper"} <= set(counts)
     if lm_eval:
-        steps = cfg["train"]["steps"]
-        assert counts["lm_eval_snapshot"] == runs * steps  # snapshot_every 1
-        assert counts["lm_eval_frontier"] == runs * 2 and counts["lm_eval_base_frontier"] == 2
-        assert counts["lm_eval_base"] == 1
-        assert re.search(r"--tasks \w+,gsm8k,hellaswag --limit 2 ", done.stdout)  # the last step's extra tasks
-        assert "--sampler.decoding eb --sampler.eb_gamma 0.5" in done.stdout
+        assert counts["lm_eval_frontier"] == runs and counts["lm_eval_base"] == 1
+        assert counts["lm_eval_benchmarks"] == runs // cfg["seeds"] * min(2, cfg["seeds"])
+        assert re.search(r"output: \S+/eval/eb0\.5\.json, \S+/eval/eb2\.0\.json", done.stdout)
+        assert f"--snapshot_every {cfg['train']['steps']}" in done.stdout
     else:
         assert not any(rule.startswith("lm_eval") for rule in counts)
+        assert "--snapshot_every" not in done.stdout
 
 
 @pytest.mark.parametrize("override, message", [
@@ -103,6 +105,10 @@ def test_smoke_workflow_end_to_end(tmp_path):
     for algo in METHODS:
         assert sorted(evals[evals.algo == algo].step) == [0, 1, 2], algo
         assert (summary[(summary.algo == algo)].metric == "bench/s").sum() == 1
+    for algo in ["base", *METHODS]:  # smoke.yaml: gsm8k on the final models of seed 0 and the base, gamma 1.0
+        rows = summary[summary.algo == algo].set_index("metric").value
+        assert rows["lm_eval/gsm8k/nfe_mean"] > 0 and 0 <= rows["lm_eval/gsm8k/exact_match/strict-match"] <= 1, algo
+        assert 0 <= rows["lm_eval_eb1.0/arithmetic/reward"] <= 1 and rows["lm_eval_eb1.0/arithmetic/nfe_mean"] > 0, algo
     results = (work / "paper/tables/results.md").read_text()
     assert all(f"| {algo} " in results for algo in METHODS)  # smoke.yaml sets no display names
     for name in ("curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown"):

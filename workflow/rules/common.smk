@@ -34,10 +34,13 @@ if set(ALGOS) - set(discover_methods()):
 TASKS = list(config["tasks"])
 SEEDS = list(range(config["seeds"]))
 STEPS = config["train"]["steps"]
-LM_EVAL = config["lm_eval"]["enabled"]
-# Steps whose model the run keeps in snapshots/step{N}/ for lm-eval: every snapshot_every and the last.
-SNAPSHOTS = sorted({*range(config["lm_eval"]["snapshot_every"], STEPS + 1, config["lm_eval"]["snapshot_every"]), STEPS})
+# lm-eval of the final models and the base (the in-training test evaluation is lm-eval's too, in the train job):
+# the real benchmarks on the first BENCHMARK_SEEDS seeds, the inference frontier on every run.
+BENCHMARKS = list(config["lm_eval"]["benchmarks"])
+BENCHMARK_SEEDS = range(min(config["lm_eval"]["benchmark_seeds"], config["seeds"])) if BENCHMARKS else range(0)
 GAMMAS = [str(g) for g in config["lm_eval"]["eb_gammas"]]
+# The final model is kept in snapshots/step{STEPS}/ when a rule evaluates it.
+FINAL_MODEL = bool(BENCHMARK_SEEDS) or bool(GAMMAS)
 TABLES = ["results", "compute", "lm_eval", "reference"]
 FIGURES = ["curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown"]
 # The paper is also built with LaTeX when asked to, or ("auto") when latexmk is installed.
@@ -54,7 +57,8 @@ wildcard_constraints:
 
 
 def run_dirs():
-    return [RUN.format(profile=PROFILE, task=t, algo=a, seed=s) for t in TASKS for a in ALGOS for s in SEEDS]
+    """(run folder, seed) of every method x task x seed."""
+    return [(RUN.format(profile=PROFILE, task=t, algo=a, seed=s), s) for t in TASKS for a in ALGOS for s in SEEDS]
 
 
 def flags(options, prefix="--"):
@@ -63,29 +67,39 @@ def flags(options, prefix="--"):
 
 
 def train_flags(wildcards):
-    shared = {**config["train"], **({"snapshot_every": config["lm_eval"]["snapshot_every"]} if LM_EVAL else {})}
+    shared = {**({"snapshot_every": STEPS} if FINAL_MODEL else {}), **config["train"]}
     return f'{flags(shared)} {flags(config["algo_args"].get(wildcards.algo, {}), "--algo.")}'
 
 
-def eval_tasks(task, step):
-    """The run's own task at every snapshot; at the last step also the configured lm-eval tasks."""
-    extra = config["lm_eval"]["tasks"] if int(step) == STEPS else []
-    return ",".join(dict.fromkeys([task, *extra]))
+def evaluations(outputs, frontier_tasks):
+    """What the lm_eval script runs for each of its output files: step{N}.json the real benchmarks with the
+    shared sampler (lm_eval.limit items), eb{gamma}.json the frontier tasks under entropy-bounded decoding at
+    that gamma (train.eval_limit items: those of the in-training evaluation)."""
+    runs = []
+    for out in outputs:
+        if Path(out).name.startswith("eb"):
+            gamma = float(Path(out).stem.removeprefix("eb"))
+            runs.append({"tasks": ",".join(frontier_tasks), "limit": config["train"].get("eval_limit", 256),
+                         "sampler": {"decoding": "eb", "eb_gamma": gamma}})
+        else:
+            runs.append({"tasks": ",".join(BENCHMARKS), "limit": config["lm_eval"]["limit"], "sampler": {}})
+    return runs
 
 
-def run_eval_files(run):
-    if not LM_EVAL:
-        return []
-    return [f"{run}/eval/step{n}.json" for n in SNAPSHOTS] + [f"{run}/eval/eb{g}.json" for g in GAMMAS]
+def base_eval_files():
+    return ([f"{BASE}/eval/step0.json"] if BENCHMARK_SEEDS else []) + [f"{BASE}/eval/eb{g}.json" for g in GAMMAS]
+
+
+def run_eval_files(run, seed):
+    benchmarks = [f"{run}/eval/step{STEPS}.json"] if seed in BENCHMARK_SEEDS else []
+    return benchmarks + [f"{run}/eval/eb{g}.json" for g in GAMMAS]
 
 
 def summary_inputs():
     files = [f"{BASE}/pretrain.json", f"{BASE}/timing.tsv"]
-    for run in run_dirs():
-        files += [f"{run}/metrics.jsonl", f"{run}/timing.tsv", *run_eval_files(run)]
-    if LM_EVAL:
-        files += [f"{BASE}/eval/step0.json"] + [f"{BASE}/eval/eb{g}.json" for g in GAMMAS]
-    return files
+    for run, seed in run_dirs():
+        files += [f"{run}/metrics.jsonl", f"{run}/timing.tsv", *run_eval_files(run, seed)]
+    return files + base_eval_files()
 
 
 def final_outputs():

@@ -1,90 +1,64 @@
-# lm-eval (`python -m harness eval`, lm_eval.enabled) of every run's snapshots, of its final model at the
-# entropy-bounded gammas of the inference frontier, and of the base (step 0). The in-training test
-# evaluation in metrics.jsonl needs no rule.
+# lm-eval of the final models and the base, one job (one process) each: the real benchmarks (lm_eval.benchmarks,
+# final models of the first lm_eval.benchmark_seeds seeds) and the inference frontier (every final model on its
+# task under entropy-bounded decoding at each of lm_eval.eb_gammas). The in-training test evaluation, lm-eval's
+# too, runs inside the train job and needs no rule.
 
 
-rule lm_eval_snapshot:
+rule lm_eval_benchmarks:
     input:
-        f"{RUN}/snapshots/step{{step}}",
+        f"{RUN}/snapshots/step{STEPS}",
     output:
-        f"{RUN}/eval/step{{step}}.json",
+        f"{RUN}/eval/step{STEPS}.json",
     log:
-        f"{RUN}/eval/step{{step}}.log",
+        f"{RUN}/eval/step{STEPS}.log",
     benchmark:
-        f"{RUN}/eval/step{{step}}.timing.tsv"
+        f"{RUN}/eval/step{STEPS}.timing.tsv"
     params:
-        harness=HARNESS,
-        tasks=lambda w: eval_tasks(w.task, w.step),
-        limit=config["lm_eval"]["limit"],
+        root=ROOT,
+        model=lambda w, input: input[0],
+        evaluations=lambda w, output: evaluations(output, []),
     threads: 1
     resources:
         mem_mb=2000,
-    shell:
-        "OMP_NUM_THREADS={threads} {params.harness} eval --model {input} --tasks {params.tasks} "
-        "--limit {params.limit} --out {output} > {log} 2>&1"
+    script:
+        "../scripts/lm_eval.py"
 
 
 rule lm_eval_frontier:
     input:
         f"{RUN}/snapshots/step{STEPS}",
     output:
-        f"{RUN}/eval/eb{{gamma}}.json",
+        [f"{RUN}/eval/eb{g}.json" for g in GAMMAS],
     log:
-        f"{RUN}/eval/eb{{gamma}}.log",
+        f"{RUN}/eval/frontier.log",
     benchmark:
-        f"{RUN}/eval/eb{{gamma}}.timing.tsv"
+        f"{RUN}/eval/frontier.timing.tsv"
     params:
-        harness=HARNESS,
-        limit=config["lm_eval"]["limit"],
+        root=ROOT,
+        model=lambda w, input: input[0],
+        evaluations=lambda w, output: evaluations(output, [w.task]),
     threads: 1
     resources:
         mem_mb=2000,
-    shell:
-        "OMP_NUM_THREADS={threads} {params.harness} eval --model {input} --tasks {wildcards.task} "
-        "--limit {params.limit} --sampler.decoding eb --sampler.eb_gamma {wildcards.gamma} --out {output} "
-        "> {log} 2>&1"
+    script:
+        "../scripts/lm_eval.py"
 
 
 rule lm_eval_base:
     input:
         f"{BASE}/pretrain.json",
     output:
-        f"{BASE}/eval/step0.json",
+        base_eval_files(),
     log:
-        f"{BASE}/eval/step0.log",
+        f"{BASE}/eval/lm_eval.log",
     benchmark:
-        f"{BASE}/eval/step0.timing.tsv"
+        f"{BASE}/eval/lm_eval.timing.tsv"
     params:
-        harness=HARNESS,
+        root=ROOT,
         model=lambda w, input: Path(input[0]).parent,
-        tasks=",".join(dict.fromkeys(TASKS + config["lm_eval"]["tasks"])),
-        limit=config["lm_eval"]["limit"],
+        evaluations=lambda w, output: evaluations(output, TASKS),
     threads: 1
     resources:
         mem_mb=2000,
-    shell:
-        "OMP_NUM_THREADS={threads} {params.harness} eval --model {params.model} --tasks {params.tasks} "
-        "--limit {params.limit} --out {output} > {log} 2>&1"
-
-
-rule lm_eval_base_frontier:
-    input:
-        f"{BASE}/pretrain.json",
-    output:
-        f"{BASE}/eval/eb{{gamma}}.json",
-    log:
-        f"{BASE}/eval/eb{{gamma}}.log",
-    benchmark:
-        f"{BASE}/eval/eb{{gamma}}.timing.tsv"
-    params:
-        harness=HARNESS,
-        model=lambda w, input: Path(input[0]).parent,
-        tasks=",".join(TASKS),
-        limit=config["lm_eval"]["limit"],
-    threads: 1
-    resources:
-        mem_mb=2000,
-    shell:
-        "OMP_NUM_THREADS={threads} {params.harness} eval --model {params.model} --tasks {params.tasks} "
-        "--limit {params.limit} --sampler.decoding eb --sampler.eb_gamma {wildcards.gamma} --out {output} "
-        "> {log} 2>&1"
+    script:
+        "../scripts/lm_eval.py"

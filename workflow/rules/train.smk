@@ -7,7 +7,7 @@ rule train:
     output:
         metrics=f"{RUN}/metrics.jsonl",
         config=f"{RUN}/config.json",
-        snapshots=[directory(f"{RUN}/snapshots/step{n}") for n in SNAPSHOTS] if LM_EVAL else [],
+        final_model=[directory(f"{RUN}/snapshots/step{STEPS}")] if FINAL_MODEL else [],
     log:
         f"{RUN}/train.log",
     benchmark:

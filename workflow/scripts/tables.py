@@ -8,9 +8,9 @@ compute    per task and method, means over seeds: forward passes (rollout + scor
            time (sum of time/step), the job's wall time, CPU time and peak memory (Snakemake benchmark); the
            base row is the pretraining job
 reference  the papers' reported numbers, each with its source (paper/reported.csv); never our results
-lm_eval    the final lm-eval scores per lm-eval task and metric (rows) and method (columns), mean [95% CI]
-           over seeds (a one-line note
-           when the summary has none: lm_eval.enabled is false)
+lm_eval    the final models' lm-eval scores on the real benchmarks per task and metric (rows) and method
+           (columns), mean [95% CI] over the seeds evaluated (a one-line note when the summary has none:
+           lm_eval.benchmarks is empty)
 """
 
 
@@ -85,7 +85,7 @@ def lm_eval_table(summary: pd.DataFrame, algos: list[str], names: dict) -> pd.Da
     """One row per training task and lm-eval metric, one column per method (the base first)."""
     lm = summary[summary.metric.str.startswith("lm_eval/") & ~summary.metric.str.endswith(("/seconds", "/sample_len"))]
     if lm.empty:
-        return pd.DataFrame({"lm-eval": ["no lm-eval results in results/summary.csv (config lm_eval.enabled is false)"]})
+        return pd.DataFrame({"lm-eval": ["no lm-eval results in results/summary.csv (config lm_eval.benchmarks is empty)"]})
     methods = ["base", *order(algos, lm.algo.unique())]
     rows = []
     for task in sorted(lm.task.unique()):
