@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lm_eval
+import lm_eval.evaluator
 import torch
 from accelerate import Accelerator
 from lm_eval.api.model import LM
@@ -287,8 +288,9 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
     test evaluation): {"reward", "accuracy", "nfe"}, the means over the first `limit` test items of the task's
     lm-eval metrics and of the forward passes per item. Greedy; `sample` evaluates a method's own decoding.
 
-    The global RNGs are left alone (lm-eval would reseed them in the middle of a training run), lm-eval's log is
-    kept to errors and the model's progress bars are off. Under `accelerate launch` every process must call it; the main process gets the
+    lm-eval's lower-level `evaluate`, not `simple_evaluate`: that one reseeds the global RNGs (in the middle of a
+    training run) and records the environment (`pip list`, git: about a second a call). lm-eval's log is kept to
+    errors and the model's progress bars are off. Under `accelerate launch` every process must call it; the main process gets the
     scores, the others None.
     """
     was_training = model.training
@@ -298,9 +300,8 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
     lm_logger, level = logging.getLogger("lm_eval"), logging.getLogger("lm_eval").level
     lm_logger.setLevel(logging.ERROR)
     try:
-        result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=_manager(), limit=limit,
-                                         apply_chat_template=True, bootstrap_iters=0, random_seed=None,
-                                         numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None)
+        result = lm_eval.evaluator.evaluate(lm=lm, task_dict=_manager().load([task]), limit=limit, bootstrap_iters=0,
+                                            log_samples=False, apply_chat_template=True)
     finally:
         lm_logger.setLevel(level)
         model.train(was_training)

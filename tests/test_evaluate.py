@@ -1,5 +1,5 @@
-"""The lm-eval model and `python -m harness eval`: every task offline end to end, generation identical to training's
-evaluation path, the ELBO log-likelihood unbiased, acc / acc_norm on a forced two-choice task."""
+"""The lm-eval model and `python -m harness eval`: every task offline end to end, lm-eval's own CLI, generation
+identical to training's rollouts, the ELBO log-likelihood unbiased, acc / acc_norm on a forced two-choice task."""
 
 from __future__ import annotations
 
@@ -79,6 +79,25 @@ def test_two_processes_give_the_single_process_results(model_dir, tmp_path):
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two["results"] == one["results"] and two["n-samples"] == one["n-samples"]
     assert [two["harness"]["tasks"][t]["nfe"] for t in ("arithmetic", "hellaswag")] == [[8] * 3, [16] * 3]
+
+
+def test_lm_evals_own_cli_runs_the_registered_model_on_our_tasks(model_dir, tmp_path):
+    """The route of the module docstring: lm-eval's CLI with the `dllm` model registered by `harness.evaluate`,
+    our task folder on --include_path; the scores are those of `python -m harness eval`."""
+    command = [sys.executable, "-m", "harness.evaluate", "--model", "dllm", "--model_args",
+               f"pretrained={model_dir},mc_samples=2", "--tasks", "arithmetic,hellaswag", "--limit", "2",
+               "--include_path", str(TASKS_DIR), "--apply_chat_template", "--confirm_run_unsafe_code",
+               "--output_path", str(tmp_path / "cli")]
+    done = subprocess.run(command, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = (tmp_path / "cli").rglob("results_*.json")
+    via_cli = json.loads(written.read_text())
+    cli.main(["eval", "--model", str(model_dir), "--tasks", "arithmetic,hellaswag", "--limit", "2",
+              "--mc_samples", "2", "--out", str(tmp_path / "ours.json")])
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    assert via_cli["config"]["model"] == "dllm"
+    for task in ("arithmetic", "hellaswag"):
+        assert via_cli["results"][task] == ours["results"][task] and via_cli["versions"][task] == 1.0
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "sudoku"])
