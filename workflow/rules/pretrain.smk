@@ -5,7 +5,7 @@ rule pretrain:
     output:
         report(f"{BASE}/pretrain.json", caption="../report/pretrain.rst", category="Base model"),
     log:
-        f"{BASE}/pretrain.log",
+        f"results/logs/pretrain_{PROFILE}.log",  # not in BASE: writing the model replaces that folder
     benchmark:
         f"{BASE}/timing.tsv"
     params:
