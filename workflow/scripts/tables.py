@@ -5,8 +5,8 @@ results    per task and method: the final test metric (the in-training evaluatio
            row is the step-0 evaluation of the same runs; a method that decodes with its own sampler
            (eval_own/*) gets a second row for it
 compute    per task and method, means over seeds: forward passes (rollout + scoring + training), training
-           time (sum of time/step), the job's wall time, CPU time and peak memory (Snakemake benchmark); the
-           base row is the pretraining job
+           time (sum of time/step), the job's wall time and peak memory (Snakemake benchmark; not its cpu_time,
+           which Snakemake samples and stops updating after 30 s); the base row is the pretraining job
 reference  the papers' reported numbers, each with its source (paper/reported.csv); never our results
 lm_eval    the final models' lm-eval scores on the real benchmarks per task and metric (rows) and method
            (columns), mean [95% CI] over the seeds evaluated (a one-line note when the summary has none:
@@ -61,7 +61,7 @@ def compute_table(summary: pd.DataFrame, algos: list[str], names: dict) -> pd.Da
     """Means over seeds of per-run totals; the base row is the pretraining job."""
     runs, base = summary[summary.algo != "base"], summary[summary.algo == "base"]
     columns = {"forward passes": ["forward/rollout", "forward/scoring", "forward/training"],
-               "training time s": ["time/step"], "job wall time s": ["bench/s"], "job CPU time s": ["bench/cpu_time"],
+               "training time s": ["time/step"], "job wall time s": ["bench/s"],
                "peak memory MB": ["bench/max_rss"]}
     totals = pd.DataFrame({c: per_run_total(runs, m) for c, m in columns.items()}).reindex(columns=list(columns))
     means = totals.groupby(["task", "algo"]).mean()
