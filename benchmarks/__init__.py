@@ -13,7 +13,9 @@ Two kinds of task need less:
   multiple-choice tasks (hellaswag) define choices(example) -> list[str] instead of the sampler lengths;
                         they are scored by the log-likelihood of each choice (lm-eval `multiple_choice`),
                         target(example) is the gold choice and reward(choice, example) scores a picked one.
-Every task is also an lm-eval task of the same name: benchmarks/lm_eval/<name>.yaml.
+Every task is also an lm-eval task of the same name: benchmarks/lm_eval/<name>.yaml. Its metric "reward,none"
+is the mean reward (and "accuracy,none" the fraction with reward 1); a task whose lm-eval metrics keep lm-eval's
+stock names sets LM_EVAL_REWARD to the one that equals its mean reward (gsm8k: "exact_match,strict-match").
 
 Modules that are infrastructure, not tasks, are listed in NOT_TASKS.
 """

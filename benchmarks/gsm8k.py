@@ -22,6 +22,7 @@ import functools
 import benchmarks
 
 GEN_LENGTH, BLOCK_LENGTH, STEPS = 256, 32, 128
+LM_EVAL_REWARD = "exact_match,strict-match"  # the lm-eval metric that equals the mean reward (a 0/1 reward)
 EXTRACTIONS = {  # lm-eval gsm8k.yaml v3.0 filter_list: regex and which match to keep
     "strict-match": (r"#### (\-?[0-9\.\,]+)", 0),
     "flexible-extract": (r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1),

@@ -286,7 +286,7 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
           batch_size: int = 64) -> dict[str, float] | None:
     """lm-eval, in this process, of a loaded model on a generated-answer task of benchmarks/ (the training loop's
     test evaluation): {"reward", "accuracy", "nfe"}, the means over the first `limit` test items of the task's
-    lm-eval metrics and of the forward passes per item. Greedy; `sample` evaluates a method's own decoding.
+    lm-eval metrics (its LM_EVAL_REWARD, see benchmarks/__init__.py) and of the forward passes per item. Greedy; `sample` evaluates a method's own decoding.
 
     lm-eval's lower-level `evaluate`, not `simple_evaluate`: that one reseeds the global RNGs (in the middle of a
     training run) and records the environment (`pip list`, git: about a second a call). lm-eval's log is kept to
@@ -309,7 +309,9 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
     if result is None:
         return None
     scores = result["results"][task]
-    return {"reward": scores["reward,none"], "accuracy": scores["accuracy,none"], "nfe": sum(nfe) / len(nfe)}
+    reward = scores[getattr(benchmarks.get(task), "LM_EVAL_REWARD", "reward,none")]
+    accuracy = scores.get("accuracy,none", reward)  # without an accuracy metric the reward is 0/1 (gsm8k)
+    return {"reward": reward, "accuracy": accuracy, "nfe": sum(nfe) / len(nfe)}
 
 
 @functools.cache
