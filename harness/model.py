@@ -37,7 +37,8 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remot
          load_in_4bit: bool = False, trainable_adapter: bool = False):
     """Load (model, tokenizer) from a local folder or a hub id, with `model.config.mask_token_id` set.
 
-    LLaDA and Dream ship their modeling code next to the weights (`auto_map`), hence trust_remote_code. A folder
+    LLaDA and Dream ship their modeling code next to the weights (`auto_map`), hence trust_remote_code. `dtype`
+    None loads the weights in the dtype they were saved in. A folder
     holding a LoRA adapter (adapter_config.json: what a LoRA run saves) loads the adapter's base model and the
     adapter, merged into the weights (inference), or as a trainable adapter (`trainable_adapter`: resuming).
     `load_in_4bit`: the base weights in 4-bit NF4 with double quantisation and bf16 compute (QLoRA, as d1's
@@ -52,7 +53,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remot
     adapter = Path(name) / "adapter_config.json"
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else name
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    options = {"dtype": dtype or torch.float32}
+    options = {"dtype": dtype or "auto"}  # None: the checkpoint's own (LLaDA's and Dream's: bf16; the tiny model's: fp32)
     if load_in_4bit:
         options["quantization_config"] = _four_bit()
     model = AutoModel.from_pretrained(base, trust_remote_code=trust_remote_code, **options)

@@ -205,8 +205,8 @@ def _origin(cfg: TrainConfig, resolved: dict) -> dict:
     return {**resolved, "model_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def _launch(cfg: TrainConfig, algo) -> tuple[PartialState, int, int, int]:
-    """(process state, rows per process, rows per sampler call, micro-batches per process) of this launch; a launch
+def _launch(cfg: TrainConfig, algo) -> tuple[Accelerator, int, int, int]:
+    """(accelerator, rows per process, rows per sampler call, micro-batches per process) of this launch; a launch
     the loop cannot run is refused here, before anything is loaded or written."""
     state = PartialState()
     world, rows = state.num_processes, cfg.prompts_per_step * cfg.group_size
@@ -217,17 +217,24 @@ def _launch(cfg: TrainConfig, algo) -> tuple[PartialState, int, int, int]:
     chunk = cfg.rollout_batch_size or local
     if local % chunk:
         raise ValueError(f"--rollout_batch_size={chunk} does not divide the {local} rows of each process")
-    zero = state.deepspeed_plugin.zero_stage if state.distributed_type == DistributedType.DEEPSPEED else None
+    n_micro = math.ceil(local / cfg.micro_batch_size)
+    deepspeed = state.distributed_type == DistributedType.DEEPSPEED
+    # DeepSpeed steps the optimizer itself, after as many backward passes as it accumulates
+    accelerator = Accelerator(gradient_accumulation_steps=n_micro if deepspeed else 1)
+    zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
     if state.distributed_type == DistributedType.FSDP or zero == 3:
         raise ValueError("FSDP and DeepSpeed ZeRO-3 are not supported: they gather the weights collectively in every "
                          "forward pass, and the processes' sampler and lm-eval forward passes differ in number (lm-eval "
                          "splits the requests unevenly; threshold and EB decoding stop early), so a run would hang. "
                          "Launch with config/accelerate/ddp.yaml or zero2.yaml")
-    if zero is not None and (cfg.nonfinite_skips or (world > 1 and hasattr(algo, "after_step"))):
+    if deepspeed and (cfg.nonfinite_skips or (world > 1 and hasattr(algo, "after_step"))):
         raise ValueError("under DeepSpeed the optimizer step happens inside the backward pass, so --nonfinite_skips "
                          "cannot skip it, and a method with after_step (LFPO) would update its reference from "
                          "partitioned weights; launch with config/accelerate/ddp.yaml")
-    return state, local, chunk, math.ceil(local / cfg.micro_batch_size)
+    if deepspeed:  # no data loader tells DeepSpeed the micro-batch; the clipping norm is the run's
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_clipping=cfg.max_grad_norm)
+    return accelerator, local, chunk, n_micro
 
 
 def _chunk_seed(seed: int, step: int, chunk: int) -> int:
@@ -245,9 +252,9 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     algo_cfg = algo_cfg or algo.Config()
     sampler_cfg, eval_cfg = cfg.sampler.resolve(task), cfg.eval_sampler.resolve(task)
     mu = getattr(algo_cfg, "num_iterations", 1)
-    launch, local, chunk, n_micro = _launch(cfg, algo)
-    world, rank, main = launch.num_processes, launch.process_index, launch.is_main_process
-    deepspeed = launch.distributed_type == DistributedType.DEEPSPEED
+    accelerator, local, chunk, n_micro = _launch(cfg, algo)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run, ckpt = cfg.run_dir(), cfg.run_dir() / "checkpoint"
@@ -268,7 +275,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
                 if main:
                     shutil.rmtree(ckpt)
                 state = None
-        launch.wait_for_everyone()
+        accelerator.wait_for_everyone()
     if state is not None and deepspeed and world > 1:
         raise ValueError(f"{ckpt} cannot be resumed under DeepSpeed with {world} processes (ZeRO partitions the "
                          f"optimizer state and the checkpoint holds one process's); resume with "
@@ -282,10 +289,6 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     ref = reference(model, updated=hasattr(algo, "after_step"))  # on resume its saved state is loaded below
-    if deepspeed:  # DeepSpeed steps the optimizer itself, after n_micro backward passes, clipping as told here
-        launch.deepspeed_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
-                                                        gradient_clipping=cfg.max_grad_norm)
-    accelerator = Accelerator(gradient_accumulation_steps=n_micro if deepspeed else 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     policy, optimizer = accelerator.prepare(model, optimizer)  # policy: called in `loss`, gradients synchronised
