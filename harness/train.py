@@ -33,7 +33,8 @@ chunks of `rollout_batch_size` rows with one generator per chunk, so the samples
 are gathered, and every process runs `prepare` on the whole batch (group statistics, batch totals and the
 method's random draws are those of one process), then `loss` on its own rows; the gradients are summed over
 processes (DDP averages: the loss is scaled by W). A run on W processes thus gives what one process gives with
-the same `rollout_batch_size` (tested with 2 CPU processes); the scoring in `prepare` is repeated on every process.
+the same `rollout_batch_size`, up to float summation order (tested with 2 CPU processes; dropout, e.g. LoRA's,
+draws from each process's own stream); the scoring in `prepare` is repeated on every process.
 
 Evaluation is lm-eval in this process (`harness.evaluate.score`: the task's lm-eval task, whose metric is the
 task's reward, on the first `eval_limit` test items), greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
@@ -58,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
@@ -208,8 +209,8 @@ def _origin(cfg: TrainConfig, resolved: dict) -> dict:
 def _launch(cfg: TrainConfig, algo) -> tuple[Accelerator, int, int, int]:
     """(accelerator, rows per process, rows per sampler call, micro-batches per process) of this launch; a launch
     the loop cannot run is refused here, before anything is loaded or written."""
-    state = PartialState()
-    world, rows = state.num_processes, cfg.prompts_per_step * cfg.group_size
+    accelerator = Accelerator()  # reads the launch (and ACCELERATE_USE_CPU: several CPU processes over gloo)
+    world, rows = accelerator.num_processes, cfg.prompts_per_step * cfg.group_size
     if rows % world:
         raise ValueError(f"prompts_per_step x group_size = {rows} rows do not split evenly over {world} processes; "
                          f"choose them so that {world} divides their product")
@@ -218,11 +219,11 @@ def _launch(cfg: TrainConfig, algo) -> tuple[Accelerator, int, int, int]:
     if local % chunk:
         raise ValueError(f"--rollout_batch_size={chunk} does not divide the {local} rows of each process")
     n_micro = math.ceil(local / cfg.micro_batch_size)
-    deepspeed = state.distributed_type == DistributedType.DEEPSPEED
-    # DeepSpeed steps the optimizer itself, after as many backward passes as it accumulates
-    accelerator = Accelerator(gradient_accumulation_steps=n_micro if deepspeed else 1)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # DeepSpeed steps the optimizer itself, after as many backward passes as it accumulates
+        accelerator.gradient_accumulation_steps = n_micro
     zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
-    if state.distributed_type == DistributedType.FSDP or zero == 3:
+    if accelerator.distributed_type == DistributedType.FSDP or zero == 3:
         raise ValueError("FSDP and DeepSpeed ZeRO-3 are not supported: they gather the weights collectively in every "
                          "forward pass, and the processes' sampler and lm-eval forward passes differ in number (lm-eval "
                          "splits the requests unevenly; threshold and EB decoding stop early), so a run would hang. "

@@ -4,6 +4,7 @@ rollout chunks: groups span the processes (3 prompts x G = 4 split 6 + 6 rows), 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,11 +19,14 @@ from harness import runs
 from tests.test_algorithms import tiny_run, untimed
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]
+# accelerate's `--cpu` starts ONE process on one machine; `--multi_gpu` with ACCELERATE_USE_CPU=1 starts gloo processes
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+          "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 # d1 with full fine-tuning; DMPO (weights from a softmax over each group of log-likelihood ratios: groups must be
-# whole in `prepare`) and LFPO (its reference is a second adapter, called inside the DDP loss) with LoRA.
-RUNS = {"d1": {}, "dmpo": {"lora_rank": 4, "lora_alpha": 8.0}, "lfpo": {"lora_rank": 4, "lora_alpha": 8.0}}
+# whole in `prepare`) and LFPO (its reference is a second adapter, called inside the DDP loss) with LoRA, without
+# LoRA dropout: its masks come from each process's own random stream, so with it 2 processes differ from 1 by chance.
+LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0}
+RUNS = {"d1": {}, "dmpo": LORA, "lfpo": LORA}
 SETTINGS = dict(steps=2, prompts_per_step=3, group_size=4, micro_batch_size=3, rollout_batch_size=3, eval_every=2,
                 eval_limit=4, save_every=2)
 # what differs between one process and two by construction: wall times, and forward passes counted per process
@@ -43,12 +47,13 @@ def test_two_processes_train_what_one_process_trains(trained_dir, tmp_path):
         f"main({['train', '--algo', algo, '--task', 'sudoku', '--model', str(trained_dir), '--lr', '1e-3', '--out', str(tmp_path / 'two' / algo), *flags({**SETTINGS, **extra, 'algo.num_iterations': 2})]!r})\n"
         for algo, extra in RUNS.items()))
     done = subprocess.run([*LAUNCH, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     for algo, extra in RUNS.items():
         one = tiny_run(trained_dir, tmp_path / "one" / algo, algo, **SETTINGS, **extra,
                        algo_cfg=algorithms.get(algo).Config(num_iterations=2))
         two = tmp_path / "two" / algo
+        assert json.loads((two / "provenance.json").read_text())["processes"] == 2
         a, b = runs.read_metrics(one / "metrics.jsonl"), runs.read_metrics(two / "metrics.jsonl")
         assert len(a) == len(b) == 3 and a[1]["reward/std"] > 0, algo  # rewards that vary: a learning signal
         for x, y in zip(comparable(a), comparable(b)):

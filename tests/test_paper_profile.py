@@ -93,3 +93,27 @@ def test_accelerate_configs_parse(name, kind):
     assert config.distributed_type == kind and config.mixed_precision == "bf16" and config.num_machines == 1
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_launched_workflow_jobs_run_on_two_cpu_processes(tmp_path, monkeypatch):
+    """The smoke profile with `launch` (config/accelerate/cpu.yaml, 2 gloo processes): the train job and the
+    lm-eval job of a run go through `accelerate launch`, as the paper profile's do on GPUs."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # what makes accelerate start gloo processes (cpu.yaml)
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump({
+        "algorithms": ["d1"], "launch": {"accelerate_config": "config/accelerate/cpu.yaml", "processes": 2},
+        "lm_eval": {"benchmarks": [], "benchmark_seeds": 1, "limit": 2, "eb_gammas": [1.0]}}))
+    run = "results/runs/smoke/arithmetic/d1/seed0"
+    done = snakemake(f"{run}/eval/eb1.0.json", "--snakefile", str(ROOT / "workflow/Snakefile"), "--directory",
+                     str(work), "--cores", "2", "--configfile", str(ROOT / "config/smoke.yaml"),
+                     str(tmp_path / "launch.yaml"), "-p", timeout=900)
+    assert done.returncode == 0, done.stdout[-5000:]
+    log = (work / run / "train.log").read_text()
+    provenance = yaml.safe_load((work / run / "provenance.json").read_text())
+    assert provenance["processes"] == 2 and "accelerate.commands.launch" in done.stdout
+    rows = [yaml.safe_load(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/reward" in rows[-1], log[-2000:]
+    assert "accelerate.commands.launch" in (work / run / "eval/frontier.log").read_text()
+    frontier = yaml.safe_load((work / run / "eval/eb1.0.json").read_text())
+    assert frontier["harness"]["tasks"]["arithmetic"]["sampler"]["decoding"] == "eb"

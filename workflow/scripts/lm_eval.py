@@ -23,9 +23,10 @@ if __name__ == "__main__" and "snakemake" in globals():
     for out, spec in zip(snakemake.output, snakemake.params.evaluations, strict=True):
         if snakemake.params.launch:
             sampler = " ".join(f"--sampler.{k} {v}" for k, v in spec["sampler"].items())
-            subprocess.run(f"{snakemake.params.launch} eval --model {snakemake.params.model} --tasks {spec['tasks']} "
-                           f"--limit {spec['limit']} --out {out} {sampler}", shell=True, check=True,
-                           stdout=sys.stdout, stderr=sys.stderr)
+            command = (f"{snakemake.params.launch} eval --model {snakemake.params.model} --tasks {spec['tasks']} "
+                       f"--limit {spec['limit']} --out {out} {sampler}")
+            print(command, flush=True)
+            subprocess.run(command, shell=True, check=True, stdout=sys.stdout, stderr=sys.stderr)
             continue
         run(EvalConfig(model=str(snakemake.params.model), tasks=spec["tasks"], limit=spec["limit"], out=out,
                        sampler=SamplerConfig(**spec["sampler"])))
