@@ -206,7 +206,7 @@ def _origin(cfg: TrainConfig, resolved: dict) -> dict:
     return {**resolved, "model_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def _launch(cfg: TrainConfig, algo) -> tuple[Accelerator, int, int, int]:
+def _launch(cfg: TrainConfig) -> tuple[Accelerator, int, int, int]:
     """(accelerator, rows per process, rows per sampler call, micro-batches per process) of this launch; a launch
     the loop cannot run is refused here, before anything is loaded or written."""
     accelerator = Accelerator()  # reads the launch (and ACCELERATE_USE_CPU: several CPU processes over gloo)
@@ -228,10 +228,9 @@ def _launch(cfg: TrainConfig, algo) -> tuple[Accelerator, int, int, int]:
                          "forward pass, and the processes' sampler and lm-eval forward passes differ in number (lm-eval "
                          "splits the requests unevenly; threshold and EB decoding stop early), so a run would hang. "
                          "Launch with config/accelerate/ddp.yaml or zero2.yaml")
-    if deepspeed and (cfg.nonfinite_skips or (world > 1 and hasattr(algo, "after_step"))):
+    if deepspeed and cfg.nonfinite_skips:
         raise ValueError("under DeepSpeed the optimizer step happens inside the backward pass, so --nonfinite_skips "
-                         "cannot skip it, and a method with after_step (LFPO) would update its reference from "
-                         "partitioned weights; launch with config/accelerate/ddp.yaml")
+                         "cannot skip it; launch with config/accelerate/ddp.yaml or set --nonfinite_skips 0")
     if deepspeed:  # no data loader tells DeepSpeed the micro-batch; the clipping norm is the run's
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_clipping=cfg.max_grad_norm)
@@ -253,7 +252,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     algo_cfg = algo_cfg or algo.Config()
     sampler_cfg, eval_cfg = cfg.sampler.resolve(task), cfg.eval_sampler.resolve(task)
     mu = getattr(algo_cfg, "num_iterations", 1)
-    accelerator, local, chunk, n_micro = _launch(cfg, algo)
+    accelerator, local, chunk, n_micro = _launch(cfg)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if cfg.threads:
