@@ -63,6 +63,26 @@ class Batch:
     def micro_batches(self, size: int) -> list[Batch]:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
+    @staticmethod
+    def cat(parts: list[Batch]) -> Batch:
+        """The rows of `parts` in order (their scalars are the first part's)."""
+        tensors = {f.name: torch.cat([getattr(b, f.name) for b in parts]) for f in fields(Batch)
+                   if isinstance(getattr(parts[0], f.name), torch.Tensor)}
+        extra = {k: torch.cat([b.extra[k] for b in parts]) for k in parts[0].extra}
+        return replace(parts[0], **tensors, extra=extra)
+
+    def gather(self, accelerator) -> Batch:
+        """Every process's rows, in process order, on every process (`accelerate launch`; a no-op on one)."""
+        if accelerator.num_processes == 1:
+            return self
+
+        def everyone(t: torch.Tensor) -> torch.Tensor:
+            return accelerator.gather(t.to(torch.uint8)).bool() if t.dtype == torch.bool else accelerator.gather(t)
+
+        tensors = {f.name: everyone(getattr(self, f.name)) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tensors, extra={k: everyone(v) for k, v in self.extra.items()})
+
     def input_ids(self, completion: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt + completion ids, attention mask) for a forward pass; `completion` defaults to the final one."""
         completion = self.completion if completion is None else completion
@@ -114,14 +134,17 @@ def decode(tokenizer, completion: torch.Tensor) -> list[str]:
 
 
 def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, group_size: int,
-            generator: torch.Generator | None = None, sample=None) -> tuple[Batch, list[str]]:
+            generator: torch.Generator | None = None, sample=None, rows: slice = slice(None)) -> tuple[Batch, list[str]]:
     """Sample `group_size` completions per example and reward them with the task's reward.
 
     `sample(model, prompt_ids, prompt_mask, cfg, generator) -> Trajectory` replaces the shared sampler only
     for a method that declares a training-time decoding override; the shared evaluation never passes one.
+    `rows` samples only those rows of the len(examples) x group_size: prompts keep the width of the whole batch
+    and `group` its prompt indices, so the parts of a batch sampled apart (chunks, processes) concatenate to it.
     """
     repeated = [e for e in examples for _ in range(group_size)]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [task.prompt(e) for e in repeated], model.device)
+    repeated, prompt_ids, prompt_mask = repeated[rows], prompt_ids[rows], prompt_mask[rows]
     traj: Trajectory = (sample or generate)(model, prompt_ids, prompt_mask, cfg, generator)
     texts = decode(tokenizer, traj.completion)
     rewards = torch.tensor([task.reward(t, e) for t, e in zip(texts, repeated)], dtype=torch.float32)
@@ -130,7 +153,7 @@ def rollout(model, tokenizer, task, examples: list[dict], cfg: SamplerConfig, gr
         unmask_step=traj.unmask_step, logp=traj.logp, entropy=traj.entropy, nfe=traj.nfe,
         completion_mask=completion_mask(traj.completion, tokenizer.eos_token_id),
         rewards=rewards.to(prompt_ids.device),
-        group=torch.arange(len(examples), device=prompt_ids.device).repeat_interleave(group_size),
+        group=torch.arange(len(examples), device=prompt_ids.device).repeat_interleave(group_size)[rows],
         temperature=cfg.temperature,
         extra=dict(traj.extra),
     )

@@ -107,13 +107,20 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
-    """save_pretrained (weights, config, remote code) plus the tokenizer, atomically."""
+    """save_pretrained (weights, config, remote code; or a LoRA adapter) plus the tokenizer, atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    model.save_pretrained(tmp)
+    _save_pretrained(model, tmp)
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, folder)
+
+
+def _save_pretrained(model, folder: Path) -> None:
+    """save_pretrained; of a LoRA model only the trained adapter (its config names the base model), not the
+    reference adapter a method may keep (that one is in the checkpoint's state), nor the embeddings (never trained)."""
+    lora = {"selected_adapters": ["default"], "save_embedding_layers": False}
+    model.save_pretrained(folder, **(lora if hasattr(model, "peft_config") else {}))
 
 
 def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: Path | None = None) -> None:
@@ -122,7 +129,7 @@ def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: Path | No
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    model.save_pretrained(tmp / "model")
+    _save_pretrained(model, tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     torch.save(state, tmp / "state.pt")
     if keep is not None:

@@ -25,6 +25,17 @@ A NaN/Inf loss or gradient norm stops the run with an error naming the step, the
 good checkpoint; with `nonfinite_skips` N > 0 such an optimizer step is skipped instead (no update; counted
 as `nonfinite/skipped` in metrics.jsonl) and the run stops at the (N+1)-th in a row.
 
+Paper scale (README "Paper scale"): LoRA (`lora_rank` > 0; the reference is then the same model with its adapter
+disabled, or for a method with `after_step` a second adapter: `harness.model.reference`), bf16, gradient
+checkpointing, a 4-bit base, and several processes under `accelerate launch` (DDP, or DeepSpeed ZeRO-2). With W
+processes each samples and rewards its share of the rows (rows, not prompts: a group may span processes), in
+chunks of `rollout_batch_size` rows with one generator per chunk, so the samples do not depend on W; the rows
+are gathered, and every process runs `prepare` on the whole batch (group statistics, batch totals and the
+method's random draws are those of one process), then `loss` on its own rows; the gradients are summed over
+processes (DDP averages: the loss is scaled by W). A run on W processes thus gives what one process gives with
+the same `rollout_batch_size`, up to float summation order (tested with 2 CPU processes; dropout, e.g. LoRA's,
+draws from each process's own stream); the scoring in `prepare` is repeated on every process.
+
 Evaluation is lm-eval in this process (`harness.evaluate.score`: the task's lm-eval task, whose metric is the
 task's reward, on the first `eval_limit` test items), greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
 `eval/nfe`: the comparable numbers). A method that declares a `sample` override is ALSO evaluated greedily
@@ -35,8 +46,9 @@ policy).
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
+import math
 import random
 import resource
 import shutil
@@ -48,15 +60,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 import algorithms
 import benchmarks
 from harness import runs
-from harness.model import load
 from harness.evaluate import score
-from harness.rollout import rollout
+from harness.model import Adapter, add_lora, enable_gradient_checkpointing, load, reference
+from harness.rollout import Batch, rollout
 from harness.sampler import SamplerConfig
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,27 @@ class TrainConfig:
     evaluation (the workflow's lm-eval convergence curves); 0 = none"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
+    dtype: str = "float32"
+    """dtype of the loaded weights: float32 | bfloat16 (d1, ESPO and DMPO train LLaDA in bf16)"""
+    lora_rank: int = 0
+    """LoRA rank r; 0 = full fine-tuning (the embedded default). With LoRA only the adapter trains and the reference
+    is the same model with the adapter disabled, no second copy (d1 slurm_scripts/train.yaml: 128)"""
+    lora_alpha: float = 64.0
+    """LoRA alpha (d1 train.yaml: 64)"""
+    lora_dropout: float = 0.05
+    """LoRA dropout (d1 train.yaml: 0.05)"""
+    lora_targets: str = "all-linear"
+    """modules given an adapter: all-linear (every linear layer but the output head; d1 lists all projections) or
+    comma-separated module names (AGRPO train.yaml: q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out)"""
+    load_in_4bit: bool = False
+    """base weights in 4-bit NF4 under the adapter (QLoRA: d1 diffu_grpo_train.py, DMPO); needs LoRA, bitsandbytes
+    and a CUDA GPU"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory for about a third more compute"""
+    rollout_batch_size: int = 0
+    """rows per sampler call, each call with its own generator seeded by (seed, step, call), so that the samples do
+    not depend on how the rows are split over processes (d1 train.yaml `generation_batch_size`: 6); 0 = each
+    process's rows in one call (on one process: from the run's own rollout generator)"""
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=0.9))
     """rollout sampler (d1 train.yaml: temperature 0.9, low-confidence remasking); lengths default to the task's"""
     eval_sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -120,9 +157,13 @@ class TrainConfig:
                      "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be a positive integer")
-        for name in ("nonfinite_skips", "snapshot_every", "threads"):
+        for name in ("nonfinite_skips", "snapshot_every", "threads", "lora_rank", "rollout_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype={self.dtype}; choose one of {', '.join(DTYPES)}")
+        if self.load_in_4bit and not self.lora_rank:
+            raise ValueError("--load_in_4bit true needs LoRA (a 4-bit base cannot be trained): set --lora_rank")
 
 
 class ForwardCounter:
@@ -165,6 +206,42 @@ def _origin(cfg: TrainConfig, resolved: dict) -> dict:
     return {**resolved, "model_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
+def _launch(cfg: TrainConfig) -> tuple[Accelerator, int, int, int]:
+    """(accelerator, rows per process, rows per sampler call, micro-batches per process) of this launch; a launch
+    the loop cannot run is refused here, before anything is loaded or written."""
+    accelerator = Accelerator()  # reads the launch (and ACCELERATE_USE_CPU: several CPU processes over gloo)
+    world, rows = accelerator.num_processes, cfg.prompts_per_step * cfg.group_size
+    if rows % world:
+        raise ValueError(f"prompts_per_step x group_size = {rows} rows do not split evenly over {world} processes; "
+                         f"choose them so that {world} divides their product")
+    local = rows // world
+    chunk = cfg.rollout_batch_size or local
+    if local % chunk:
+        raise ValueError(f"--rollout_batch_size={chunk} does not divide the {local} rows of each process")
+    n_micro = math.ceil(local / cfg.micro_batch_size)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # DeepSpeed steps the optimizer itself, after as many backward passes as it accumulates
+        accelerator.gradient_accumulation_steps = n_micro
+    zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
+    if accelerator.distributed_type == DistributedType.FSDP or zero == 3:
+        raise ValueError("FSDP and DeepSpeed ZeRO-3 are not supported: they gather the weights collectively in every "
+                         "forward pass, and the processes' sampler and lm-eval forward passes differ in number (lm-eval "
+                         "splits the requests unevenly; threshold and EB decoding stop early), so a run would hang. "
+                         "Launch with config/accelerate/ddp.yaml or zero2.yaml")
+    if deepspeed and cfg.nonfinite_skips:
+        raise ValueError("under DeepSpeed the optimizer step happens inside the backward pass, so --nonfinite_skips "
+                         "cannot skip it; launch with config/accelerate/ddp.yaml or set --nonfinite_skips 0")
+    if deepspeed:  # no data loader tells DeepSpeed the micro-batch; the clipping norm is the run's
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_clipping=cfg.max_grad_norm)
+    return accelerator, local, chunk, n_micro
+
+
+def _chunk_seed(seed: int, step: int, chunk: int) -> int:
+    """The seed of rollout chunk `chunk` of RL step `step`: a function of nothing else (not of the processes)."""
+    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1)[0])
+
+
 def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     """Run (or resume) one training run and return its folder."""
     algo, task = algorithms.get(cfg.algo), benchmarks.get(cfg.task)
@@ -175,6 +252,9 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     algo_cfg = algo_cfg or algo.Config()
     sampler_cfg, eval_cfg = cfg.sampler.resolve(task), cfg.eval_sampler.resolve(task)
     mu = getattr(algo_cfg, "num_iterations", 1)
+    accelerator, local, chunk, n_micro = _launch(cfg)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run, ckpt = cfg.run_dir(), cfg.run_dir() / "checkpoint"
@@ -182,26 +262,51 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
                 "sampler": dataclasses.asdict(sampler_cfg), "eval_sampler": dataclasses.asdict(eval_cfg)}
     train_set = task.load("train")
     task.load("test")  # bad data fails before any write
-    state, origin = runs.load_state(ckpt), _origin(cfg, resolved)
-    if state is not None and state["origin"] != origin:
-        if not cfg.restart_if_changed:
-            raise ValueError(f"{run} holds a checkpoint of a different configuration or initial model (only --steps "
-                             f"may change on resume); delete the folder, pick another --out, or pass "
-                             f"--restart_if_changed true to start afresh")
-        shutil.rmtree(ckpt)
-        state = None
+    origin = _origin(cfg, resolved)
+    state = None
+    for turn in ("main", "others"):  # the main process tidies up after a crash first, then the others read
+        if main == (turn == "main"):
+            state = runs.load_state(ckpt)
+            if state is not None and state["origin"] != origin:
+                if not cfg.restart_if_changed:
+                    raise ValueError(f"{run} holds a checkpoint of a different configuration or initial model (only "
+                                     f"--steps may change on resume); delete the folder, pick another --out, or pass "
+                                     f"--restart_if_changed true to start afresh")
+                if main:
+                    shutil.rmtree(ckpt)
+                state = None
+        accelerator.wait_for_everyone()
+    if state is not None and deepspeed and world > 1:
+        raise ValueError(f"{ckpt} cannot be resumed under DeepSpeed with {world} processes (ZeRO partitions the "
+                         f"optimizer state and the checkpoint holds one process's); resume with "
+                         f"config/accelerate/ddp.yaml or delete the checkpoint")
 
     torch.manual_seed(cfg.seed)
-    policy, tokenizer = load(ckpt / "model" if state else cfg.model)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # on resume its saved state is loaded below
-    accelerator = Accelerator()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    ref.to(accelerator.device)
-    counter = ForwardCounter(policy, ref)
+    model, tokenizer = load(ckpt / "model" if state else cfg.model, dtype=DTYPES[cfg.dtype],
+                            load_in_4bit=cfg.load_in_4bit, trainable_adapter=state is not None)
+    if cfg.lora_rank and not hasattr(model, "peft_config"):
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    ref = reference(model, updated=hasattr(algo, "after_step"))  # on resume its saved state is loaded below
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    policy, optimizer = accelerator.prepare(model, optimizer)  # policy: called in `loss`, gradients synchronised
+    if not hasattr(policy, "config"):  # DDP's wrapper: the methods read the model's config from what they call
+        policy.config = model.config
+    if isinstance(ref, torch.nn.Module):
+        ref.to(accelerator.device)
+    # Forward passes without gradient (rollouts, `prepare`, evaluation) call `model`, outside the wrapper.
+    counter = ForwardCounter(model, *([ref] if isinstance(ref, torch.nn.Module) else []))
+    # `after_step` sees the trainable weights as the reference holds them: the model, or under LoRA the adapter.
+    trained = Adapter(model, "default") if hasattr(model, "peft_config") else model
+    # The loss of each micro-batch is its share of the whole batch's: gradients are summed over processes (DDP and
+    # DeepSpeed average them) and, under DeepSpeed, over the micro-batches it accumulates (it averages those too).
+    scale = world * (n_micro if deepspeed else 1)
 
     order = np.random.default_rng(cfg.seed).permutation(len(train_set))
-    generators = {"rollout": torch.Generator().manual_seed(cfg.seed), "batch_seed": torch.Generator().manual_seed(cfg.seed + 1)}
+    generators = {"rollout": torch.Generator(accelerator.device).manual_seed(cfg.seed),
+                  "batch_seed": torch.Generator().manual_seed(cfg.seed + 1)}
     sample = None
     if hasattr(algo, "sample"):  # the method's declared training-time decoding override
         def sample(model, prompt_ids, prompt_mask, sampler, generator):
@@ -209,67 +314,94 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     prepare = getattr(algo, "prepare", lambda policy, ref, batch, cfg: batch)
 
     start, saved, nonfinite_run = 0, None, 0  # saved: step of the last checkpoint; NaN/Inf updates in a row
-    runs.write_json(run / "config.json", resolved)
-    if state is None or not (run / "provenance.json").exists():
-        runs.write_json(run / "provenance.json", runs.provenance())
-    if state is None:
-        runs.write_text(run / "metrics.jsonl", "")
-    else:
+    if main:
+        runs.write_json(run / "config.json", resolved)
+        if state is None or not (run / "provenance.json").exists():
+            runs.write_json(run / "provenance.json", {**runs.provenance(), "processes": world})
+        if state is None:
+            runs.write_text(run / "metrics.jsonl", "")
+    if state is not None:
         start = saved = state["step"]
         nonfinite_run = state["nonfinite_run"]
         optimizer.load_state_dict(state["optimizer"])
         ref.load_state_dict(state["ref"])
         _set_rng_state(state["rng"], generators)
-        runs.write_text(run / "metrics.jsonl", "".join(runs.dumps(r) + "\n" for r in state["metrics"]))
-        runs.link_missing(ckpt / "snapshots", run / "snapshots")
-        tqdm.write(f"resuming {run} from its checkpoint of step {start}")
+        if main:
+            runs.write_text(run / "metrics.jsonl", "".join(runs.dumps(r) + "\n" for r in state["metrics"]))
+            runs.link_missing(ckpt / "snapshots", run / "snapshots")
+            tqdm.write(f"resuming {run} from its checkpoint of step {start}")
 
     def evaluate_now() -> dict:
+        """Every process takes part (lm-eval shares the items out); the main process gets the scores."""
         counter.phase = "eval"
-        row = {f"eval/{k}": v for k, v in score(policy, tokenizer, cfg.task, cfg.eval_limit, eval_cfg).items()}
-        if sample is not None:  # the method's own decoding, next to the shared (comparable) evaluation
-            row.update({f"eval_own/{k}": v for k, v in
-                        score(policy, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample).items()})
-        return row
+        shared = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg)
+        own = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample) if sample else None
+        # `sample`: the method's own decoding, next to the shared (comparable) evaluation
+        return {**{f"eval/{k}": v for k, v in (shared or {}).items()},
+                **{f"eval_own/{k}": v for k, v in (own or {}).items()}}
+
+    def total(value: float) -> float:
+        return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()
 
     if start == 0:
-        runs.append_metrics(run / "metrics.jsonl", {"step": 0, **evaluate_now()})
+        row = evaluate_now()
+        if main:
+            runs.append_metrics(run / "metrics.jsonl", {"step": 0, **row})
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.task}/seed{cfg.seed}", unit="step",
-               initial=start, total=cfg.steps, dynamic_ncols=True)
+               initial=start, total=cfg.steps, dynamic_ncols=True, disable=not main)
     for step in bar:
         t0, calls0, rows0 = time.perf_counter(), counter.calls.copy(), counter.rows.copy()
         # HARNESS: the same prompts, sampler and reward for every method.
         first = (step - 1) * cfg.prompts_per_step
         picks = [train_set[order[(first + j) % len(order)]] for j in range(cfg.prompts_per_step)]
         counter.phase = "rollout"
-        policy.eval()
-        batch, _ = rollout(policy, tokenizer, task, picks, sampler_cfg, cfg.group_size, generators["rollout"], sample)
+        model.eval()
+        if world == 1 and not cfg.rollout_batch_size:
+            batch, _ = rollout(model, tokenizer, task, picks, sampler_cfg, cfg.group_size, generators["rollout"], sample)
+        else:  # this process's chunks of rows, each from its own generator; then every process's rows
+            chunks = range(rank * local // chunk, (rank + 1) * local // chunk)
+            batch = Batch.cat([rollout(model, tokenizer, task, picks, sampler_cfg, cfg.group_size,
+                                       torch.Generator(accelerator.device).manual_seed(_chunk_seed(cfg.seed, step, c)),
+                                       sample, rows=slice(c * chunk, (c + 1) * chunk))[0] for c in chunks])
+            batch = batch.gather(accelerator)
         batch.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generators["batch_seed"]))
         t1 = time.perf_counter()
-        # ALGORITHM: frozen quantities of this rollout batch (advantages, old/ref likelihoods, seeds).
+        # ALGORITHM: frozen quantities of this rollout batch (advantages, old/ref likelihoods, seeds), on all of it.
         counter.phase = "scoring"
         with torch.no_grad():
-            batch = prepare(policy, ref, batch, algo_cfg)
+            batch = prepare(model, ref, batch, algo_cfg)
+        mine = batch.select(slice(rank * local, (rank + 1) * local)) if world > 1 else batch
         t2 = time.perf_counter()
         # ALGORITHM: mu optimizer steps on this batch, each summing the method's micro-batch losses.
         counter.phase = "training"
-        policy.train()
+        model.train()
         losses, method_metrics, grad_norms, skipped = [], [], [], 0
         for it in range(mu):
-            batch.iteration = it
+            mine.iteration = it
             optimizer.zero_grad(set_to_none=True)
-            total, it_metrics, bad = 0.0, [], None
-            for mb in batch.micro_batches(cfg.micro_batch_size):
-                loss, metrics = algo.loss(policy, ref, mb, algo_cfg)
-                if not torch.isfinite(loss):
-                    bad = f"loss ({loss.item()})"
-                    break
-                accelerator.backward(loss)
-                total += loss.item()
+            accelerator.step = 0  # DeepSpeed: the last micro-batch of each inner iteration ends an accumulation
+            total_loss, it_metrics, bad = 0.0, [], None
+            micro = mine.micro_batches(cfg.micro_batch_size)
+            for k, mb in enumerate(micro):
+                sync = accelerator.accumulate(policy) if deepspeed else (
+                    contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(policy))
+                with sync:
+                    loss, metrics = algo.loss(policy, ref, mb, algo_cfg)
+                    if not torch.isfinite(loss):
+                        bad = f"loss ({loss.item()})"
+                        if world == 1:
+                            break
+                    # several processes: every one runs every backward pass (they synchronise); a NaN spreads
+                    # to every gradient, so all of them skip the step together
+                    accelerator.backward(loss * scale if scale != 1 else loss)
+                total_loss += loss.item()
                 it_metrics.append(metrics)
-            grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)) if bad is None else 0.0
+            norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if bad is None else 0.0
+            grad_norm = float(norm) if norm is not None else 0.0  # None: DeepSpeed before its first step
             if bad is None and not np.isfinite(grad_norm):
                 bad = f"gradient norm ({grad_norm})"
+            if world > 1 and total(bad is not None):
+                bad = bad or "loss on another process"
             if bad:  # NaN/Inf: no update; stop unless the skip policy allows one more
                 nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
                 if nonfinite_run > cfg.nonfinite_skips:
@@ -281,37 +413,45 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
                 continue
             optimizer.step()
             nonfinite_run = 0
-            losses.append(total)
+            losses.append(total(total_loss) if world > 1 else total_loss)
             grad_norms.append(grad_norm)
             method_metrics += it_metrics
         # ALGORITHM: optional update of the reference/rollout model (e.g. LFPO's EMA).
         if hasattr(algo, "after_step"):
-            algo.after_step(accelerator.unwrap_model(policy), ref, step, algo_cfg)
+            algo.after_step(trained, ref, step, algo_cfg)
         t3 = time.perf_counter()
 
+        means = {k: float(np.mean([m[k] for m in method_metrics])) for k in (method_metrics or [{}])[0]}
+        if world > 1:  # the processes' means, averaged
+            means = {k: total(v) / world for k, v in means.items()}
         row = {
             "step": step, "reward/mean": batch.rewards.mean().item(), "reward/std": batch.rewards.std().item(),
             "loss": float(np.mean(losses)) if losses else None,
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else None, "nonfinite/skipped": skipped,
             "rollout/nfe": batch.nfe.float().mean().item(),
-            **{f"algo/{k}": float(np.mean([m[k] for m in method_metrics])) for k in (method_metrics or [{}])[0]},
+            **{f"algo/{k}": v for k, v in means.items()},
             **{f"forward/{p}": counter.calls[p] - calls0[p] for p in ("rollout", "scoring", "training")},
             **{f"sequences/{p}": counter.rows[p] - rows0[p] for p in ("rollout", "scoring", "training")},
             "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
             "time/step": t3 - t0, "tokens_per_s": batch.completion.numel() / (t1 - t0),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+        if world > 1:  # forward passes and sequences of all processes
+            row.update({k: int(total(v)) for k, v in row.items() if k.startswith(("forward/", "sequences/"))})
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate_now())
-        runs.append_metrics(run / "metrics.jsonl", row)
+        if main:
+            runs.append_metrics(run / "metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}" if losses else "skipped",
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
-        if cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps):
-            runs.save_model(accelerator.unwrap_model(policy), tokenizer, run / "snapshots" / f"step{step}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            runs.save_checkpoint(ckpt, accelerator.unwrap_model(policy), tokenizer, {
+        if main and cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps):
+            runs.save_model(model, tokenizer, run / "snapshots" / f"step{step}")
+        if main and (step % cfg.save_every == 0 or step == cfg.steps):
+            runs.save_checkpoint(ckpt, model, tokenizer, {
                 "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
                 "rng": _rng_state(generators), "origin": origin, "nonfinite_run": nonfinite_run,
                 "metrics": runs.read_metrics(run / "metrics.jsonl")}, keep=run / "snapshots")
+        if step % cfg.save_every == 0 or step == cfg.steps:
             saved = step
+    accelerator.wait_for_everyone()
     return run

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,10 +72,13 @@ def test_two_processes_give_the_single_process_results(model_dir, tmp_path):
     """`accelerate launch` on 2 CPU processes: 3 items per task split 2 + 1, so lm-eval pads one rank, gathers
     through all_gather / gather_object, and our NFE records are gathered too."""
     args = ["eval", "--model", str(model_dir), "--tasks", "arithmetic,hellaswag", "--limit", "3", "--mc_samples", "2"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate's `--cpu` starts ONE process on one machine; `--multi_gpu` with ACCELERATE_USE_CPU=1 starts 2 (gloo)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "harness"]
-    subprocess.run([*launch, *args, "--out", str(tmp_path / "two.json")], cwd=Path(__file__).parent.parent,
-                   check=True, capture_output=True, timeout=300)
+    done = subprocess.run([*launch, *args, "--out", str(tmp_path / "two.json")], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("Loading weights: 100%") == 2 and done.stdout.count("results: ") == 1  # 2 ran, 1 wrote
     cli.main([*args, "--out", str(tmp_path / "one.json")])
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two["results"] == one["results"] and two["n-samples"] == one["n-samples"]

@@ -3,6 +3,7 @@
 import shlex
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -17,6 +18,29 @@ RUN = "results/runs/{profile}/{task}/{algo}/seed{seed}"
 # The harness of this checkout, run by the interpreter that runs Snakemake (the project's environment), from
 # any working directory (--directory): `OMP_NUM_THREADS={threads} {params.harness} train ...`.
 HARNESS = f"PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(sys.executable)} -m harness"
+# Paper scale (config/paper.yaml): every run starts from MODEL (a hub id or folder, read at run time, not at
+# planning time) instead of the tiny base built here, and train and lm-eval jobs run under `accelerate launch`.
+MODEL = config.get("model")
+LAUNCH = config.get("launch")
+
+
+def launcher(key):
+    """A job's `python -m harness`: as is, or under `launch` through `accelerate launch` with the profile's
+    accelerate config and one process per GPU, on a rendezvous port derived from `key` (the job's first output),
+    so that jobs sharing a node do not collide."""
+    if not LAUNCH:
+        return HARNESS
+    port = 20000 + zlib.crc32(str(key).encode()) % 20000
+    accelerate_config = shlex.quote(str(ROOT / LAUNCH["accelerate_config"]))
+    return (f"PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(sys.executable)} -m accelerate.commands.launch "
+            f"--config_file {accelerate_config} --num_processes {LAUNCH['processes']} --main_process_port {port} "
+            f"-m harness")
+
+
+def job_resources(group, **defaults):
+    """A rule's resources: its defaults (sized for this CPU) overridden by the profile's `resources.<group>` (GPUs,
+    runtime, memory for the Slurm executor)."""
+    return {**defaults, **config.get("resources", {}).get(group, {})}
 
 
 def discover_methods():
@@ -62,12 +86,14 @@ def run_dirs():
 
 
 def flags(options, prefix="--"):
-    """A config mapping as command-line flags: {steps: 10} -> '--steps 10'."""
-    return " ".join(f"{prefix}{k} {v}" for k, v in options.items())
+    """A config mapping as command-line flags: {steps: 10, betas: [0.9, 0.99]} -> '--steps 10 --betas 0.9 0.99'."""
+    value = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
+    return " ".join(f"{prefix}{k} {value(v)}" for k, v in options.items())
 
 
 def train_flags(wildcards):
-    shared = {**({"snapshot_every": STEPS} if FINAL_MODEL else {}), **config["train"]}
+    shared = {**({"snapshot_every": STEPS} if FINAL_MODEL else {}), **config["train"],
+              **config.get("train_overrides", {}).get(wildcards.algo, {})}
     return f'{flags(shared)} {flags(config["algo_args"].get(wildcards.algo, {}), "--algo.")}'
 
 
@@ -96,7 +122,7 @@ def run_eval_files(run, seed):
 
 
 def summary_inputs():
-    files = [f"{BASE}/pretrain.json", f"{BASE}/timing.tsv"]
+    files = [] if MODEL else [f"{BASE}/pretrain.json", f"{BASE}/timing.tsv"]
     for run, seed in run_dirs():
         files += [f"{run}/metrics.jsonl", f"{run}/timing.tsv", *run_eval_files(run, seed)]
     return files + base_eval_files()

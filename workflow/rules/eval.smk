@@ -15,11 +15,12 @@ rule lm_eval_benchmarks:
         f"{RUN}/eval/step{STEPS}.timing.tsv"
     params:
         root=ROOT,
+        launch=lambda w, output: launcher(output[0]) if LAUNCH else "",
         model=lambda w, input: input[0],
         evaluations=lambda w, output: evaluations(output, []),
     threads: 1
     resources:
-        mem_mb=2000,
+        **job_resources("lm_eval", mem_mb=2000),
     script:
         "../scripts/lm_eval.py"
 
@@ -35,18 +36,19 @@ rule lm_eval_frontier:
         f"{RUN}/eval/frontier.timing.tsv"
     params:
         root=ROOT,
+        launch=lambda w, output: launcher(output[0]) if LAUNCH else "",
         model=lambda w, input: input[0],
         evaluations=lambda w, output: evaluations(output, [w.task]),
     threads: 1
     resources:
-        mem_mb=2000,
+        **job_resources("lm_eval", mem_mb=2000),
     script:
         "../scripts/lm_eval.py"
 
 
 rule lm_eval_base:
     input:
-        f"{BASE}/pretrain.json",
+        [] if MODEL else f"{BASE}/pretrain.json",
     output:
         base_eval_files(),
     log:
@@ -55,10 +57,11 @@ rule lm_eval_base:
         f"{BASE}/eval/lm_eval.timing.tsv"
     params:
         root=ROOT,
-        model=lambda w, input: Path(input[0]).parent,
+        launch=lambda w, output: launcher(output[0]) if LAUNCH else "",
+        model=lambda w, input: MODEL or Path(input[0]).parent,
         evaluations=lambda w, output: evaluations(output, TASKS),
     threads: 1
     resources:
-        mem_mb=2000,
+        **job_resources("lm_eval", mem_mb=2000),
     script:
         "../scripts/lm_eval.py"

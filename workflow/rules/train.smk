@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        f"{BASE}/pretrain.json",
+        [] if MODEL else f"{BASE}/pretrain.json",
     output:
         metrics=f"{RUN}/metrics.jsonl",
         config=f"{RUN}/config.json",
@@ -13,13 +13,13 @@ rule train:
     benchmark:
         f"{RUN}/timing.tsv"
     params:
-        harness=HARNESS,
-        base=lambda w, input: Path(input[0]).parent,
+        harness=lambda w, output: launcher(output[0]),
+        base=lambda w, input: MODEL or Path(input[0]).parent,
         run=lambda w, output: Path(output.metrics).parent,
         args=train_flags,
     threads: 1
     resources:
-        mem_mb=2000,  # measured peak RSS up to 1.7 GB (AGRPO on sudoku)
+        **job_resources("train", mem_mb=2000),  # measured peak RSS up to 1.7 GB (AGRPO on sudoku)
     # A job resumes from the run's checkpoint (git-ignored, not an output) when its config and base are those
     # of the checkpoint, e.g. after a crash (`snakemake --rerun-incomplete`): the harness restores the outputs
     # Snakemake deleted (metrics.jsonl and snapshots up to the checkpoint) and ends bit-identical to an
