@@ -1,0 +1,214 @@
+"""The likelihood-fidelity study (harness/fidelity.py): its exact likelihoods against brute force over unmasking
+orders and against the sampler itself, their gradients against autograd through the brute force, and the
+study's entry point on a toy budget."""
+
+from __future__ import annotations
+
+import math
+from itertools import permutations, product
+
+import pandas as pd
+import pytest
+import torch
+
+import benchmarks
+from harness import fidelity
+from harness.likelihood import exact_elbo
+from harness.model import load, token_logits
+from harness.rollout import Batch, encode_prompts
+from harness.sampler import SamplerConfig, generate
+from harness.tiny import TinyMDLM, TinyMDLMConfig
+
+
+@pytest.fixture(scope="module")
+def trained(trained_dir):
+    return load(trained_dir)
+
+
+def sudoku_prompt(tokenizer, index=0):
+    task = benchmarks.get("sudoku")
+    return encode_prompts(tokenizer, [task.prompt(task.load("test")[index])])
+
+
+def brute_force(model, prompt_ids, prompt_mask, completion, temperature, rule) -> torch.Tensor:
+    """log pi(o) as the sum over all L! unmasking orders of the product of the per-step commit probabilities,
+    each step's state scored by its own forward pass (differentiable; float64 accumulation)."""
+    L, P, mask_id = len(completion), prompt_ids.shape[1], model.config.mask_token_id
+    orders = []
+    for order in permutations(range(L)):
+        log_p = torch.zeros((), dtype=torch.float64)
+        revealed = []
+        for j in order:
+            state = torch.tensor([completion[k] if k in revealed else mask_id for k in range(L)])
+            ids = torch.cat([prompt_ids[0], state])[None]
+            attention = torch.cat([prompt_mask[0].long(), torch.ones(L, dtype=torch.long)])[None]
+            logits = token_logits(model, ids, attention, start=P)[0].double()  # [L, V]
+            sample, conf = torch.softmax(logits / temperature, -1), torch.softmax(logits, -1)
+            masked = [i for i in range(L) if i not in revealed]
+            if rule == "random":
+                q = sample[j, completion[j]] / len(masked)
+            else:  # every other masked position's draw must be less confident (ties: the earlier position wins)
+                c = conf[j, completion[j]].detach()
+                q = sample[j, completion[j]]
+                for i in masked:
+                    if i != j:
+                        loses = conf[i].detach() < c if i < j else conf[i].detach() <= c
+                        q = q * sample[i][loses].sum()
+            log_p = log_p + torch.log(q)
+            revealed.append(j)
+        orders.append(log_p)
+    return torch.logsumexp(torch.stack(orders), 0)
+
+
+@pytest.mark.parametrize("length, temperature", [(3, 1.0), (4, 0.7)])
+def test_sampler_likelihoods_equal_the_sum_over_unmasking_orders(trained, length, temperature):
+    model, tokenizer = trained
+    ids, mask = sudoku_prompt(tokenizer)
+    g = torch.Generator().manual_seed(length)
+    sampler = SamplerConfig(length, length, length, temperature)
+    completions = torch.cat([generate(model, ids.repeat(3, 1), mask.repeat(3, 1), sampler, g).completion,  # 3 drawn
+                             torch.randint(3, len(tokenizer), (1, length), generator=g)])  # and one arbitrary
+    n = len(completions)
+    with torch.no_grad():
+        exact = fidelity.exact_log_likelihoods(model, ids.repeat(n, 1), mask.repeat(n, 1), completions,
+                                               torch.zeros_like(completions), temperature)
+    for i, o in enumerate(completions.tolist()):
+        with torch.no_grad():
+            for rule, target in (("random", "random_order"), ("low_confidence", "low_confidence")):
+                want = brute_force(model, ids, mask, o, temperature, rule).item()
+                assert exact[target][i].item() == pytest.approx(want, abs=2e-5), (rule, o)
+
+
+def small_model(vocab: int = 6, seed: int = 0) -> TinyMDLM:
+    torch.manual_seed(seed)
+    model = TinyMDLM(TinyMDLMConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, mask_token_id=vocab - 1)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # far from uniform, so the low-confidence rule matters
+    return model
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_probabilities_over_all_completions_sum_to_one_and_the_elbo_bounds_the_random_order_one(temperature):
+    model, L = small_model(), 3
+    every = torch.tensor(list(product(range(5), repeat=L)))  # all 5^3 completions of the 5 real tokens
+    n = len(every)
+    prompt, prompt_mask = torch.tensor([[0, 3, 1]]).repeat(n, 1), torch.ones(n, 3, dtype=torch.bool)
+    with torch.no_grad():
+        exact = fidelity.exact_log_likelihoods(model, prompt, prompt_mask, every, torch.zeros_like(every), temperature)
+    for target in ("random_order", "low_confidence"):
+        assert exact[target].exp().sum().item() == pytest.approx(1.0, abs=1e-5), target
+    # the two samplers are different distributions over the same completions
+    assert (exact["random_order"].exp() - exact["low_confidence"].exp()).abs().sum().item() > 0.1
+    if temperature == 1.0:  # Jensen: E_order[log p(o | order)] <= log E_order[p(o | order)]
+        assert (exact["elbo"] <= exact["random_order"] + 1e-5).all()
+        assert (exact["random_order"] - exact["elbo"]).max().item() > 0.1
+
+
+@pytest.mark.parametrize("remasking, target", [("low_confidence", "low_confidence"), ("random", "random_order")])
+def test_exact_likelihood_is_the_sampler_s_distribution(remasking, target):
+    """The frequencies of 20000 completions drawn by harness.sampler.generate (one token per step, T = 0.7: the
+    tempered draw, the untempered confidence) match exp(exact log-likelihood) on every one of the 5^3
+    completions; the other sampler's likelihood does not (the test can tell the two rules apart)."""
+    model, L, N = small_model(), 3, 20000
+    every = torch.tensor(list(product(range(5), repeat=L)))
+    prompt, prompt_mask = torch.tensor([[0, 3, 1]]), torch.ones(1, 3, dtype=torch.bool)
+    cfg = SamplerConfig(L, L, L, temperature=0.7, remasking=remasking)
+    drawn = generate(model, prompt.repeat(N, 1), prompt_mask.repeat(N, 1), cfg, torch.Generator().manual_seed(0))
+    counts = torch.zeros(len(every), dtype=torch.float64)
+    counts.index_add_(0, (drawn.completion * torch.tensor([25, 5, 1])).sum(1), torch.ones(N, dtype=torch.float64))
+    with torch.no_grad():
+        exact = fidelity.exact_log_likelihoods(model, prompt.repeat(len(every), 1), prompt_mask.repeat(len(every), 1),
+                                               every, torch.zeros_like(every), 0.7)
+    other = "random_order" if target == "low_confidence" else "low_confidence"
+
+    def z(log_p):  # standardized deviations of the counts from N p
+        p = log_p.exp().double()
+        return ((counts - N * p) / (N * p * (1 - p)).clamp(min=1e-12).sqrt()).abs().max().item()
+
+    assert z(exact[target]) < 4.5
+    assert z(exact[other]) > 8
+
+
+def test_trajectory_and_elbo_agree_with_the_sampler_record_and_the_harness(trained):
+    model, tokenizer = trained
+    ids, mask = sudoku_prompt(tokenizer, 2)
+    ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
+    traj = generate(model, ids, mask, SamplerConfig(4, 4, 4, temperature=0.8, remasking="random"),
+                    torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = fidelity.exact_log_likelihoods(model, ids, mask, traj.completion, traj.unmask_step, 0.8)
+        torch.testing.assert_close(exact["trajectory"], traj.logp.sum(1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(exact["elbo"], exact_elbo(model, ids, mask, traj.completion), rtol=0, atol=1e-5)
+
+
+def flat(grads) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads])
+
+
+def test_exact_gradient_equals_autograd_through_the_brute_force(trained):
+    model, tokenizer = trained
+    ids, mask = sudoku_prompt(tokenizer, 3)
+    ids, mask = ids.repeat(3, 1), mask.repeat(3, 1)
+    traj = generate(model, ids, mask, SamplerConfig(3, 3, 3, temperature=0.9), torch.Generator().manual_seed(2))
+    batch = Batch(prompt_ids=ids, prompt_mask=mask, completion=traj.completion, unmask_step=traj.unmask_step,
+                  logp=traj.logp, entropy=traj.entropy, nfe=traj.nfe, completion_mask=torch.ones_like(mask[:, :3]),
+                  rewards=torch.zeros(3), group=torch.zeros(3, dtype=torch.long), temperature=0.9)
+    weights = {"w": torch.tensor([0.5, -1.25, 0.75])}
+    values, grads = fidelity.exact_gradients(model, batch, weights)
+    params = list(model.parameters())
+    for rule, target in (("random", "random_order"), ("low_confidence", "low_confidence")):
+        oracle = [brute_force(model, ids[:1], mask[:1], o, 0.9, rule) for o in traj.completion.tolist()]
+        torch.testing.assert_close(values[target].double(), torch.stack(oracle).detach(), rtol=0, atol=2e-5)
+        want = flat(torch.autograd.grad(sum(w * v for w, v in zip(weights["w"].tolist(), oracle)), params))
+        got = grads[(target, "w")].double()
+        assert fidelity.cosine(got, want) > 1 - 1e-8
+        assert (got - want).norm().item() < 1e-4 * want.norm().item()
+
+
+def test_bad_settings_name_the_value_and_the_fix():
+    with pytest.raises(ValueError, match=r"--gen_length=9: .* choose 1 to 8"):
+        fidelity.FidelityConfig(gen_length=9)
+    with pytest.raises(ValueError, match=r"--temperature=0.0: .* > 0"):
+        fidelity.FidelityConfig(temperature=0.0)
+    with pytest.raises(ValueError, match=r"no surrogate entry for \['zz'\]"):
+        fidelity.FidelityConfig(methods=("d1", "zz"))
+
+
+@pytest.fixture(scope="module")
+def study(trained_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fidelity")
+    fidelity.main(["--model", str(trained_dir), "--out", str(out), "--task", "sudoku", "--gen_length", "3",
+                   "--prompts", "2", "--group_size", "4", "--draws", "1", "8", "--repeats", "4"])
+    return out, {name: pd.read_csv(out / f"{name}.csv") for name in ("exact", "loglik", "gradient", "gradient_mean")}
+
+
+def test_the_study_writes_every_estimate(study):
+    out, t = study
+    assert (out / "run.json").exists()
+    assert list(t["exact"].columns) == ["rollouts", "row", "group", "reward", "completion", *fidelity.TARGETS]
+    assert sorted(t["exact"].groupby("rollouts").size().items()) == [("low_confidence", 8), ("random", 8)]
+    loglik = t["loglik"].groupby(["method", "draws"]).size()
+    assert set(loglik.index.get_level_values(0)) == {"d1", "diffpo", "agrpo", "espo", "dmpo"}  # LFPO has none
+    assert (loglik == 4 * 8).all()  # repeats x rows
+    passes = t["gradient"].groupby("method").passes.max()
+    assert passes.to_dict() == {"agrpo": 8, "d1": 8, "diffpo": 16, "dmpo": 16, "espo": 16, "lfpo": 16,
+                                "exact_elbo": 7, "exact_low_confidence": 7, "exact_random_order": 7,
+                                "exact_trajectory": 3}
+    assert t["gradient"].cosine.between(-1, 1).all() and len(t["gradient_mean"]) == 2 * 4 * 6 + 2 * 12
+
+
+def test_unbiased_estimators_center_on_their_exact_targets(study):
+    """ESPO's coupled ELBO is unbiased for the ELBO and AGRPO's step estimate for the trajectory log-likelihood;
+    the study measures both within three standard errors, and their pooled gradients point at those targets."""
+    _, t = study
+    merged = t["loglik"].merge(t["exact"], on=["rollouts", "row"])
+    for method, target in (("espo", "elbo"), ("agrpo", "trajectory")):
+        rows = merged[(merged.method == method) & (merged.draws == 8)]
+        error = rows.estimate - rows[target]
+        assert abs(error.mean()) < 3 * error.std() / math.sqrt(len(error)) + 1e-6, method
+        pooled = t["gradient_mean"].set_index(["method", "target", "draws"]).cosine
+        assert pooled[(method, target, 8)] > 0.95, method
+    d1 = merged[merged.method == "d1"]
+    assert (d1.estimate - d1.low_confidence).abs().mean() > 0.5  # the mean field is no unbiased estimate
+
