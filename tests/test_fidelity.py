@@ -212,3 +212,87 @@ def test_unbiased_estimators_center_on_their_exact_targets(study):
     d1 = merged[merged.method == "d1"]
     assert (d1.estimate - d1.low_confidence).abs().mean() > 0.5  # the mean field is no unbiased estimate
 
+
+# ---- the report: table, findings and figure (workflow/scripts/fidelity_report.py) ----
+
+def report_module():
+    import sys
+    from pathlib import Path
+    scripts = str(Path(__file__).resolve().parent.parent / "workflow" / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import fidelity_report
+    return fidelity_report
+
+
+def synthetic_results(folder):
+    """Three low-confidence completions, ESPO's estimates at 1 and 2 draws, d1's gradients, two exact rows."""
+    exact = pd.DataFrame({"rollouts": "low_confidence", "row": [0, 1, 2], "group": 0, "reward": 0.5,
+                          "completion": "4 5", "random_order": [-1.5, -2.5, -3.5], "low_confidence": [-1.0, -2.0, -3.0],
+                          "elbo": [-2.0, -3.0, -4.0], "trajectory": [-1.0, -2.0, -3.1]})
+    estimates = {(1, 0): [-1.5, -2.0, -4.0], (1, 1): [-0.5, -3.0, -3.0], (2, 0): [-1.0, -2.0, -3.0],
+                 (2, 1): [-1.0, -2.0, -3.0]}
+    loglik = pd.DataFrame([{"method": "espo", "rollouts": "low_confidence", "draws": n, "passes": 2 * n, "repeat": r,
+                            "row": i, "estimate": v}
+                           for (n, r), values in estimates.items() for i, v in enumerate(values)])
+    cosines = {("espo", 1): [0.2, 0.4], ("espo", 2): [0.5, 0.7], ("d1", 1): [0.1, 0.1], ("d1", 2): [0.1, 0.1]}
+    gradient = [{"method": m, "rollouts": "low_confidence", "target": "low_confidence", "draws": n,
+                 "passes": n * (2 if m == "espo" else 1), "repeat": r, "cosine": c}
+                for (m, n), values in cosines.items() for r, c in enumerate(values)]
+    gradient += [{"method": m, "rollouts": "low_confidence", "target": "low_confidence", "draws": 1, "passes": p,
+                  "repeat": 0, "cosine": c} for m, p, c in (("exact_elbo", 7, 0.9), ("exact_trajectory", 3, 0.99))]
+    gradient = pd.DataFrame(gradient)
+    pooled = {("espo", 1): 0.35, ("espo", 2): 0.65, ("d1", 1): 0.1, ("d1", 2): 0.1, ("exact_elbo", 1): 0.9,
+              ("exact_trajectory", 1): 0.99}
+    gradient_mean = gradient.drop_duplicates(["method", "draws"]).drop(columns="repeat").assign(repeats=2)
+    gradient_mean["cosine"] = [pooled[(m, n)] for m, n in zip(gradient_mean.method, gradient_mean.draws)]
+    paths = []
+    for name, frame in (("exact", exact), ("loglik", loglik), ("gradient", gradient), ("gradient_mean", gradient_mean)):
+        frame.to_csv(folder / f"{name}.csv", index=False)
+        paths.append(str(folder / f"{name}.csv"))
+    return paths
+
+
+def outputs(folder):
+    return [str(folder / p) for p in ("tables/fidelity.md", "tables/fidelity.tex", "tables/fidelity_findings.md",
+                                      "tables/fidelity_findings.tex", "figures/fidelity.pdf", "figures/fidelity.png")]
+
+
+def test_report_table_and_findings_pin_hand_computed_numbers(tmp_path):
+    report = report_module()
+    inputs = synthetic_results(tmp_path)
+    report.main(inputs, outputs(tmp_path / "paper"), ["d1", "espo"], {"espo": "ESPO"})
+    stats = report.loglik_stats(pd.read_csv(inputs[0]), pd.read_csv(inputs[1])).set_index(["method", "draws"])
+    one = stats.loc[("espo", 1)]  # errors (rep 0, rep 1): (-.5, .5), (0, -1), (-1, 0)
+    assert (one.bias, one.sd, one.rmse) == pytest.approx((-1 / 3, math.sqrt(0.5), math.sqrt(2.5 / 6)))
+    assert one.spearman == pytest.approx((1.0 + 1.5 / math.sqrt(3)) / 2)  # rep 1 ties two estimates
+    assert stats.loc[("exact_elbo", 1)].bias == pytest.approx(-1.0)
+    table = pd.read_csv(tmp_path / "paper/tables/fidelity.md", sep="|", skipinitialspace=True).iloc[1:, 1:-1]
+    table.columns = [c.strip() for c in table.columns]
+    rows = {r["method"].strip(): {k: str(v).strip() for k, v in r.items()} for _, r in table.iterrows()}
+    assert rows["ESPO"]["log-lik bias"] == "0.00" and rows["ESPO"]["sd, 1 draw"] == "0.71"
+    assert rows["ESPO"]["grad cos, 1 draw"] == "0.30 [0.20, 0.40]"
+    assert rows["ESPO"]["grad cos, 2 draws"] == "0.60 [0.50, 0.70]"
+    assert rows["ESPO"]["grad cos, mean of repeats"] == "0.65" and rows["d1"]["log-lik bias"] == "–"
+    assert rows["exact ELBO"]["passes / draw"] == "7" and rows["exact ELBO"]["grad cos, 2 draws"] == "0.90"
+    text = (tmp_path / "paper/tables/fidelity_findings.md").read_text()
+    assert text.startswith("At 2 draws per estimate, ESPO has the policy gradient best aligned with the exact one "
+                           "(mean cosine 0.60) and d1 the worst (0.10).")
+    assert ("cosine 0.99 with the exact gradient of the sampler's likelihood (their log-likelihoods differ by -0.03 "
+            in text)
+    assert "has cosine 0.90, and ESPO's mean over all repeats reaches 0.65." in text
+    assert (tmp_path / "paper/figures/fidelity.png").stat().st_size > 5000
+
+
+def test_report_of_the_study_and_of_a_study_that_did_not_run(study, tmp_path):
+    report = report_module()
+    out, t = study
+    report.main([str(out / f"{n}.csv") for n in ("exact", "loglik", "gradient", "gradient_mean")],
+                outputs(tmp_path / "a"), ["d1", "agrpo", "espo", "dmpo", "diffpo", "lfpo"], {})
+    table = (tmp_path / "a/tables/fidelity.md").read_text()
+    assert all(f"| {m} " in table for m in ("d1", "agrpo", "espo", "dmpo", "diffpo", "lfpo", "exact ELBO"))
+    espo = t["gradient"].query("method == 'espo' and target == 'low_confidence' and draws == 8").cosine
+    assert f"| {espo.mean():.2f} [" in table  # the cell is the mean over repeats
+    report.main([], outputs(tmp_path / "b"), [], {})
+    assert "fidelity.enabled is false" in (tmp_path / "b/tables/fidelity.md").read_text()
+    assert "did not run" in (tmp_path / "b/tables/fidelity_findings.tex").read_text()
