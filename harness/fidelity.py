@@ -52,14 +52,18 @@ cross-entropy gradient). So the cosine measures the likelihood surrogate alone, 
 Rewards are fixed seeded U(0, 1) draws, not the task's: at L <= 8 the tiny base rarely solves a task, and
 the study is about likelihoods, not rewards. The prompts are the task's first test items.
 
-Outputs in --out (CSV, tidy, written atomically):
-  exact.csv          per completion: rollouts, row, group, reward, completion ids, and the four exact
+The direction of the exact gradient of a 32-completion batch depends on which completions the batch holds, so
+the study draws `batches` independent batches (other prompts, rollouts and rewards) and reports over them.
+
+Outputs in --out (CSV, tidy, written atomically; `batch` numbers the batches, `row` the completions in one):
+  exact.csv          per completion: batch, rollouts, row, group, reward, completion ids, and the four exact
                      log-likelihoods (nats per sequence)
-  loglik.csv         method, rollouts, draws, passes (forward passes per sequence), repeat, row, estimate
-  gradient.csv       method, rollouts, target, draws, passes, repeat, cosine with the exact gradient; rows
+  loglik.csv         method, batch, rollouts, draws, passes (forward passes per sequence), repeat, row, estimate
+  gradient.csv       method, batch, rollouts, target, draws, passes, repeat, cosine with the exact gradient; rows
                      exact_<target> compare two exact gradients (group-centred weights)
   gradient_mean.csv  the same for the mean of the repeats' gradients (its limit shows the estimator's bias)
   run.json           the configuration, model folder, provenance and minutes
+A killed run resumes after its last finished batch (kept in --out/.parts/ until the end).
 workflow/scripts/fidelity_report.py turns them into paper/tables/fidelity.* and paper/figures/fidelity.*.
 """
 
@@ -68,6 +72,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -85,7 +90,7 @@ from algorithms import agrpo, d1, diffpo, espo
 from harness import runs
 from harness.cli import add_fields, build
 from harness.model import load, log_policy, token_logits
-from harness.rollout import Batch, rollout
+from harness.rollout import Batch, group_centered, rollout
 from harness.sampler import SamplerConfig
 from harness.train import TrainConfig
 
@@ -103,7 +108,7 @@ class FidelityConfig:
     task: str = "arithmetic"
     """task whose first test prompts are used (module name in benchmarks/)"""
     prompts: int = 4
-    """distinct prompts"""
+    """distinct prompts per batch (4 x 8 completions: the default profile's RL batch)"""
     group_size: int = 8
     """completions per prompt (one group each)"""
     gen_length: int = 6
@@ -113,8 +118,11 @@ class FidelityConfig:
     draws: tuple[int, ...] = (1, 2, 4, 8)
     """Monte-Carlo draws per estimate (the x axis): AGRPO's steps, ESPO's num_mc, DMPO's antithetic pairs,
     LFPO's states, or independent d1 / DiFFPO estimates averaged"""
-    repeats: int = 8
-    """independent estimates per number of draws (bias, variance, rank correlation, cosine spread)"""
+    batches: int = 4
+    """independent rollout batches (other prompts, rollouts and rewards): the exact gradient's direction varies
+    from batch to batch, so results are reported as means and 95% CIs over batches"""
+    repeats: int = 4
+    """independent estimates per batch and number of draws (bias, variance, rank correlation)"""
     methods: tuple[str, ...] = ("d1", "diffpo", "agrpo", "espo", "dmpo", "lfpo")
     """methods to study (each needs an entry in harness.fidelity.SURROGATES)"""
     seed: int = 0
@@ -132,9 +140,10 @@ class FidelityConfig:
         for name in ("prompts", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be a positive integer")
-        if self.group_size < 2 or self.repeats < 2:
-            raise ValueError(f"--group_size={self.group_size} and --repeats={self.repeats} must be >= 2 "
-                             "(advantages are group-relative; a variance needs two estimates)")
+        if self.group_size < 2 or self.repeats < 2 or self.batches < 1:
+            raise ValueError(f"--group_size={self.group_size} and --repeats={self.repeats} must be >= 2 and "
+                             f"--batches={self.batches} >= 1 (advantages are group-relative; a variance needs two "
+                             "estimates)")
         if not self.draws or min(self.draws) < 1:
             raise ValueError(f"--draws={list(self.draws)} must be positive integers")
         unknown = sorted(set(self.methods) - set(SURROGATES))
@@ -244,23 +253,27 @@ def exact_log_likelihoods(model, prompt_ids, prompt_mask, completion, unmask_ste
 
 def exact_gradients(model, batch: Batch, weights: dict[str, torch.Tensor], progress=None):
     """({target: [B] exact log-likelihoods}, {(target, name): sum_i weights[name]_i grad log pi_target(o_i)}),
-    one completion at a time (its 2^L - 1 states), the gradients flattened over the model's parameters."""
+    the gradients flattened over the model's parameters; one distinct rollout (prompt, completion, order) at a
+    time, its 2^L - 1 states in one pass (rollouts repeat: a group often samples a completion several times)."""
     params = [p for p in model.parameters() if p.requires_grad]
     values = {t: torch.zeros(len(batch)) for t in TARGETS}
     grads = {(t, name): torch.zeros(sum(p.numel() for p in params)) for t in TARGETS for name in weights}
-    for i in range(len(batch)):
-        one = batch.select(slice(i, i + 1))
+    keys = torch.cat([batch.prompt_ids, batch.prompt_mask.long(), batch.completion, batch.unmask_step], dim=1)
+    _, same = keys.unique(dim=0, return_inverse=True)
+    for u in same.unique().tolist():
+        rows = (same == u).nonzero().squeeze(1)
+        one = batch.select(rows[:1])
         with torch.enable_grad():
             exact = exact_log_likelihoods(model, one.prompt_ids, one.prompt_mask, one.completion, one.unmask_step,
                                           batch.temperature)
             for t in TARGETS:
                 g = torch.autograd.grad(exact[t].sum(), params, retain_graph=t != TARGETS[-1], allow_unused=True)
                 flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
-                values[t][i] = exact[t].item()
+                values[t][rows] = exact[t].item()
                 for name, w in weights.items():
-                    grads[(t, name)] += float(w[i]) * flat
+                    grads[(t, name)] += float(w[rows].sum()) * flat
         if progress is not None:
-            progress.update(1)
+            progress.update(len(rows))
     return values, grads
 
 
@@ -376,83 +389,108 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- the study ----
 
-def rollouts(model, tokenizer, cfg: FidelityConfig) -> dict[str, Batch]:
-    """One batch per sampler the studied methods train with; the same prompts and fixed rewards for both."""
+def rollouts(model, tokenizer, cfg: FidelityConfig, b: int) -> dict[str, Batch]:
+    """Batch b: one rollout batch per sampler the studied methods train with, on the task's test prompts
+    b * prompts ... (b + 1) * prompts - 1, with the same fixed rewards."""
     task = benchmarks.get(cfg.task)
-    examples = task.load("test")[:cfg.prompts]
+    examples = task.load("test")[b * cfg.prompts:(b + 1) * cfg.prompts]
     out = {}
     for remasking in dict.fromkeys(SURROGATES[m].rollouts for m in cfg.methods):
         sampler = SamplerConfig(gen_length=cfg.gen_length, block_length=cfg.gen_length, steps=cfg.gen_length,
                                 temperature=cfg.temperature, remasking=remasking)
         batch, _ = rollout(model, tokenizer, task, examples, sampler, cfg.group_size,
-                           torch.Generator().manual_seed(seed_of(cfg.seed, 1, remasking)))
-        batch.rewards = torch.rand(len(batch), generator=torch.Generator().manual_seed(seed_of(cfg.seed, 2)))
+                           torch.Generator().manual_seed(seed_of(cfg.seed, 1, b, remasking)))
+        batch.rewards = torch.rand(len(batch), generator=torch.Generator().manual_seed(seed_of(cfg.seed, 2, b)))
         out[remasking] = batch
     return out
 
 
-def study(model, tokenizer, cfg: FidelityConfig) -> dict[str, pd.DataFrame]:
+def study(model, tokenizer, cfg: FidelityConfig, parts: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Every batch's tables, concatenated. With `parts`, each finished batch is saved there and a rerun of the same
+    configuration on the same model resumes after the last saved one."""
+    test = len(benchmarks.get(cfg.task).load("test"))
+    if cfg.batches * cfg.prompts > test:
+        raise ValueError(f"--batches={cfg.batches} x --prompts={cfg.prompts} prompts exceed the {test} test items of "
+                         f"{cfg.task}; lower one of them")
+    units = cfg.batches * (len(cfg.methods) * cfg.repeats * sum(cfg.draws) + cfg.prompts * cfg.group_size * len(
+        {SURROGATES[m].rollouts for m in cfg.methods}))
+    bar = tqdm(total=units, desc="fidelity", unit="draw", dynamic_ncols=True)
     # Gradients through probabilities below float32's normal range make CPU matmuls ~20x slower (denormals);
     # flushing them to zero changes nothing above 1e-38. The setting is process-wide: restored at the end.
     torch.set_flush_denormal(True)
+    tables = []
     try:
-        return _study(model, tokenizer, cfg)
+        for b in range(cfg.batches):
+            part = parts / f"batch{b}.pkl" if parts else None
+            if part and part.exists():
+                tables.append(pd.read_pickle(part))
+                bar.update(units // cfg.batches)
+                continue
+            tables.append(study_batch(model, rollouts(model, tokenizer, cfg, b), cfg, b, bar))
+            if part:
+                part.parent.mkdir(parents=True, exist_ok=True)
+                pd.to_pickle(tables[-1], part.with_suffix(".tmp"))
+                os.replace(part.with_suffix(".tmp"), part)
     finally:
         torch.set_flush_denormal(False)
+        bar.close()
+    return {name: pd.concat([t[name] for t in tables], ignore_index=True) for name in tables[0]}
 
 
-def _study(model, tokenizer, cfg: FidelityConfig) -> dict[str, pd.DataFrame]:
-    batches = rollouts(model, tokenizer, cfg)
+def study_batch(model, batches: dict[str, Batch], cfg: FidelityConfig, b: int, bar) -> dict[str, pd.DataFrame]:
+    """The four tables of one batch (module docstring); every row carries the batch index b."""
     L = cfg.gen_length
-    units = len(cfg.methods) * cfg.repeats * sum(cfg.draws) + sum(len(b) for b in batches.values())
-    bar = tqdm(total=units, desc="fidelity", unit="draw", dynamic_ncols=True)
     exact_rows, loglik_rows, grad_rows, mean_rows = [], [], [], []
     for rollouts_name, batch in batches.items():
         methods = [m for m in cfg.methods if SURROGATES[m].rollouts == rollouts_name]
-        weights = {"advantages": batch.rewards - batch.rewards.view(-1, cfg.group_size).mean(1).repeat_interleave(
-            cfg.group_size)}
+        weights = {"advantages": group_centered(batch.rewards, batch.group)}
         for m in methods:  # the weights are deterministic given the rewards (log-RND = 0 at theta = theta_ref)
             weights[m] = SURROGATES[m].weight(prepared(algorithms.get(m), model, batch, method_config(m, 1), 0),
                                               method_config(m, 1)).detach().cpu()
-        bar.set_postfix(step=f"exact, {rollouts_name} rollouts")
+        bar.set_postfix(step=f"batch {b}, exact, {rollouts_name} rollouts")
         values, exact = exact_gradients(model, batch, weights, bar)
-        for i in range(len(batch)):
-            exact_rows.append({"rollouts": rollouts_name, "row": i, "group": int(batch.group[i]),
-                               "reward": float(batch.rewards[i]),
-                               "completion": " ".join(map(str, batch.completion[i].tolist())),
-                               **{t: float(values[t][i]) for t in TARGETS}})
+        head = {"batch": b, "rollouts": rollouts_name}
+        exact_rows += [{**head, "row": i, "group": int(batch.group[i]), "reward": float(batch.rewards[i]),
+                        "completion": " ".join(map(str, batch.completion[i].tolist())),
+                        **{t: float(values[t][i]) for t in TARGETS}} for i in range(len(batch))]
         for target in TARGETS:  # the exact gradients against each other (group-centred weights)
-            for other in TARGETS:
-                if other != target:
-                    row = {"method": f"exact_{other}", "rollouts": rollouts_name, "target": target, "draws": 1,
-                           "passes": L if other == "trajectory" else 2**L - 1,
-                           "cosine": cosine(exact[(other, "advantages")], exact[(target, "advantages")])}
-                    grad_rows.append({**row, "repeat": 0})
-                    mean_rows.append({**row, "repeats": 1})
+            for other in (t for t in TARGETS if t != target):
+                row = {"method": f"exact_{other}", **head, "target": target, "draws": 1,
+                       "passes": L if other == "trajectory" else 2**L - 1,
+                       "cosine": cosine(exact[(other, "advantages")], exact[(target, "advantages")])}
+                grad_rows.append({**row, "repeat": 0})
+                mean_rows.append({**row, "repeats": 1})
         for m in methods:
-            s = SURROGATES[m]
             for n in cfg.draws:
-                bar.set_postfix(step=f"{m}, {n} draws")
-                total = None
+                bar.set_postfix(step=f"batch {b}, {m}, {n} draws")
+                common = {"method": m, **head, "draws": n, "passes": SURROGATES[m].passes * n}
+                total = 0.0
                 for r in range(cfg.repeats):
-                    seeds = [seed_of(cfg.seed, 3, m, n, r, k) for k in range(calls(m, n))]
+                    seeds = [seed_of(cfg.seed, 3, b, m, n, r, k) for k in range(calls(m, n))]
                     loglik, grad = estimate(m, model, batch, n, seeds)
-                    total = grad if total is None else total + grad
-                    common = {"method": m, "rollouts": rollouts_name, "draws": n, "passes": s.passes * n}
+                    total = total + grad
                     if loglik is not None:
                         loglik_rows += [{**common, "repeat": r, "row": i, "estimate": float(v)}
                                         for i, v in enumerate(loglik.tolist())]
                     grad_rows += [{**common, "target": t, "repeat": r, "cosine": cosine(grad, exact[(t, m)])}
                                   for t in TARGETS]
                     bar.update(n)
-                mean_rows += [{"method": m, "rollouts": rollouts_name, "target": t, "draws": n, "passes": s.passes * n,
-                               "repeats": cfg.repeats, "cosine": cosine(total, exact[(t, m)])} for t in TARGETS]
-    bar.close()
-    columns = ["method", "rollouts", "target", "draws", "passes"]
+                mean_rows += [{**common, "target": t, "repeats": cfg.repeats, "cosine": cosine(total, exact[(t, m)])}
+                              for t in TARGETS]
+    key = ["method", "batch", "rollouts", "target", "draws", "passes"]
     return {"exact": pd.DataFrame(exact_rows),
-            "loglik": pd.DataFrame(loglik_rows, columns=[*columns[:2], *columns[3:], "repeat", "row", "estimate"]),
-            "gradient": pd.DataFrame(grad_rows)[[*columns, "repeat", "cosine"]],
-            "gradient_mean": pd.DataFrame(mean_rows)[[*columns, "repeats", "cosine"]]}
+            "loglik": pd.DataFrame(loglik_rows, columns=[*key[:3], *key[4:], "repeat", "row", "estimate"]),
+            "gradient": pd.DataFrame(grad_rows)[[*key, "repeat", "cosine"]],
+            "gradient_mean": pd.DataFrame(mean_rows)[[*key, "repeats", "cosine"]]}
+
+
+def parts_folder(cfg: FidelityConfig) -> Path:
+    """Where finished batches wait for the end of the run: keyed by the configuration and the model's files, so
+    that a rerun resumes only the same study of the same model."""
+    files = sorted(Path(cfg.model).glob("*")) if Path(cfg.model).is_dir() else []
+    key = runs.dumps({**asdict(cfg), "out": "", "threads": 0,
+                      "model_files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]})
+    return Path(cfg.out) / ".parts" / f"{zlib.crc32(key.encode()):08x}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
@@ -463,10 +501,12 @@ def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
     torch.set_num_threads(cfg.threads)
     started = time.time()
     model, tokenizer = load(cfg.model)
-    tables = study(model, tokenizer, cfg)
+    parts = parts_folder(cfg)
+    tables = study(model, tokenizer, cfg, parts)
     out = Path(cfg.out)
     for name, frame in tables.items():
         runs.write_text(out / f"{name}.csv", frame.to_csv(index=False, float_format="%.7g"))
+    shutil.rmtree(out / ".parts")
     runs.write_json(out / "run.json", {"config": asdict(cfg), "minutes": round((time.time() - started) / 60, 2),
                                        "cpus": os.cpu_count(), "provenance": runs.provenance()})
     print(f"{(time.time() - started) / 60:.1f} min; files in {out}/")

@@ -175,42 +175,67 @@ def test_bad_settings_name_the_value_and_the_fix():
         fidelity.FidelityConfig(methods=("d1", "zz"))
 
 
+STUDY = ["--task", "sudoku", "--gen_length", "3", "--prompts", "2", "--group_size", "4", "--draws", "1", "8",
+         "--repeats", "4", "--batches", "2"]
+
+
 @pytest.fixture(scope="module")
 def study(trained_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fidelity")
-    fidelity.main(["--model", str(trained_dir), "--out", str(out), "--task", "sudoku", "--gen_length", "3",
-                   "--prompts", "2", "--group_size", "4", "--draws", "1", "8", "--repeats", "4"])
+    fidelity.main(["--model", str(trained_dir), "--out", str(out), *STUDY])
     return out, {name: pd.read_csv(out / f"{name}.csv") for name in ("exact", "loglik", "gradient", "gradient_mean")}
 
 
 def test_the_study_writes_every_estimate(study):
     out, t = study
-    assert (out / "run.json").exists()
-    assert list(t["exact"].columns) == ["rollouts", "row", "group", "reward", "completion", *fidelity.TARGETS]
-    assert sorted(t["exact"].groupby("rollouts").size().items()) == [("low_confidence", 8), ("random", 8)]
+    assert (out / "run.json").exists() and not (out / ".parts").exists()
+    assert list(t["exact"].columns) == ["batch", "rollouts", "row", "group", "reward", "completion", *fidelity.TARGETS]
+    assert sorted(t["exact"].groupby("rollouts").size().items()) == [("low_confidence", 16), ("random", 16)]
     loglik = t["loglik"].groupby(["method", "draws"]).size()
     assert set(loglik.index.get_level_values(0)) == {"d1", "diffpo", "agrpo", "espo", "dmpo"}  # LFPO has none
-    assert (loglik == 4 * 8).all()  # repeats x rows
+    assert (loglik == 2 * 4 * 8).all()  # batches x repeats x rows
     passes = t["gradient"].groupby("method").passes.max()
     assert passes.to_dict() == {"agrpo": 8, "d1": 8, "diffpo": 16, "dmpo": 16, "espo": 16, "lfpo": 16,
                                 "exact_elbo": 7, "exact_low_confidence": 7, "exact_random_order": 7,
                                 "exact_trajectory": 3}
-    assert t["gradient"].cosine.between(-1, 1).all() and len(t["gradient_mean"]) == 2 * 4 * 6 + 2 * 12
+    assert t["gradient"].cosine.between(-1, 1).all() and len(t["gradient_mean"]) == 2 * (2 * 4 * 6 + 2 * 12)
 
 
 def test_unbiased_estimators_center_on_their_exact_targets(study):
     """ESPO's coupled ELBO is unbiased for the ELBO and AGRPO's step estimate for the trajectory log-likelihood;
     the study measures both within three standard errors, and their pooled gradients point at those targets."""
     _, t = study
-    merged = t["loglik"].merge(t["exact"], on=["rollouts", "row"])
+    merged = t["loglik"].merge(t["exact"], on=["batch", "rollouts", "row"])
+    pooled = t["gradient_mean"].groupby(["method", "target", "draws"]).cosine.min()
     for method, target in (("espo", "elbo"), ("agrpo", "trajectory")):
         rows = merged[(merged.method == method) & (merged.draws == 8)]
         error = rows.estimate - rows[target]
         assert abs(error.mean()) < 3 * error.std() / math.sqrt(len(error)) + 1e-6, method
-        pooled = t["gradient_mean"].set_index(["method", "target", "draws"]).cosine
-        assert pooled[(method, target, 8)] > 0.95, method
+        assert pooled[(method, target, 8)] > 0.95, method  # in every batch
     d1 = merged[merged.method == "d1"]
     assert (d1.estimate - d1.low_confidence).abs().mean() > 0.5  # the mean field is no unbiased estimate
+
+
+def test_a_killed_study_resumes_after_its_last_finished_batch(trained_dir, study, tmp_path, monkeypatch):
+    out, t = study
+    finished = []
+
+    def dies_in_batch_one(model, batches, cfg, b, bar):
+        if b == 1:
+            raise KeyboardInterrupt
+        finished.append(b)
+        return real(model, batches, cfg, b, bar)
+
+    real = fidelity.study_batch
+    monkeypatch.setattr(fidelity, "study_batch", dies_in_batch_one)
+    with pytest.raises(KeyboardInterrupt):
+        fidelity.main(["--model", str(trained_dir), "--out", str(tmp_path), *STUDY])
+    assert finished == [0] and not (tmp_path / "exact.csv").exists()
+    monkeypatch.setattr(fidelity, "study_batch", lambda *a: (finished.append(a[3]), real(*a))[1])
+    fidelity.main(["--model", str(trained_dir), "--out", str(tmp_path), *STUDY])
+    assert finished == [0, 1]  # batch 0 came from the saved part
+    for name, frame in t.items():
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"{name}.csv"), frame)
 
 
 # ---- the report: table, findings and figure (workflow/scripts/fidelity_report.py) ----
@@ -226,26 +251,31 @@ def report_module():
 
 
 def synthetic_results(folder):
-    """Three low-confidence completions, ESPO's estimates at 1 and 2 draws, d1's gradients, two exact rows."""
-    exact = pd.DataFrame({"rollouts": "low_confidence", "row": [0, 1, 2], "group": 0, "reward": 0.5,
-                          "completion": "4 5", "random_order": [-1.5, -2.5, -3.5], "low_confidence": [-1.0, -2.0, -3.0],
-                          "elbo": [-2.0, -3.0, -4.0], "trajectory": [-1.0, -2.0, -3.1]})
+    """Two batches of the same three low-confidence completions, ESPO's estimates at 1 and 2 draws, d1's
+    gradients, two exact rows."""
+    exact = pd.DataFrame({"batch": [0, 0, 0, 1, 1, 1], "rollouts": "low_confidence", "row": [0, 1, 2] * 2,
+                          "group": 0, "reward": 0.5, "completion": "4 5",
+                          "random_order": [-1.5, -2.5, -3.5] * 2, "low_confidence": [-1.0, -2.0, -3.0] * 2,
+                          "elbo": [-2.0, -3.0, -4.0] * 2, "trajectory": [-1.0, -2.0, -3.1] * 2})
     estimates = {(1, 0): [-1.5, -2.0, -4.0], (1, 1): [-0.5, -3.0, -3.0], (2, 0): [-1.0, -2.0, -3.0],
                  (2, 1): [-1.0, -2.0, -3.0]}
-    loglik = pd.DataFrame([{"method": "espo", "rollouts": "low_confidence", "draws": n, "passes": 2 * n, "repeat": r,
-                            "row": i, "estimate": v}
-                           for (n, r), values in estimates.items() for i, v in enumerate(values)])
-    cosines = {("espo", 1): [0.2, 0.4], ("espo", 2): [0.5, 0.7], ("d1", 1): [0.1, 0.1], ("d1", 2): [0.1, 0.1]}
-    gradient = [{"method": m, "rollouts": "low_confidence", "target": "low_confidence", "draws": n,
+    loglik = pd.DataFrame([{"method": "espo", "batch": b, "rollouts": "low_confidence", "draws": n, "passes": 2 * n,
+                            "repeat": r, "row": i, "estimate": v}
+                           for b in (0, 1) for (n, r), values in estimates.items() for i, v in enumerate(values)])
+    cosines = {("espo", 1, 0): [0.2, 0.4], ("espo", 1, 1): [0.4, 0.6], ("espo", 2, 0): [0.5, 0.7],
+               ("espo", 2, 1): [0.5, 0.7], ("d1", 1, 0): [0.1, 0.1], ("d1", 2, 0): [0.1, 0.1],
+               ("d1", 1, 1): [0.1, 0.1], ("d1", 2, 1): [0.1, 0.1]}
+    gradient = [{"method": m, "batch": b, "rollouts": "low_confidence", "target": "low_confidence", "draws": n,
                  "passes": n * (2 if m == "espo" else 1), "repeat": r, "cosine": c}
-                for (m, n), values in cosines.items() for r, c in enumerate(values)]
-    gradient += [{"method": m, "rollouts": "low_confidence", "target": "low_confidence", "draws": 1, "passes": p,
-                  "repeat": 0, "cosine": c} for m, p, c in (("exact_elbo", 7, 0.9), ("exact_trajectory", 3, 0.99))]
+                for (m, n, b), values in cosines.items() for r, c in enumerate(values)]
+    gradient += [{"method": m, "batch": b, "rollouts": "low_confidence", "target": "low_confidence", "draws": 1,
+                  "passes": p, "repeat": 0, "cosine": c}
+                 for m, p, b, c in (("exact_elbo", 7, 0, 0.9), ("exact_elbo", 7, 1, 0.7),
+                                    ("exact_trajectory", 3, 0, 0.99), ("exact_trajectory", 3, 1, 0.99))]
     gradient = pd.DataFrame(gradient)
-    pooled = {("espo", 1): 0.35, ("espo", 2): 0.65, ("d1", 1): 0.1, ("d1", 2): 0.1, ("exact_elbo", 1): 0.9,
-              ("exact_trajectory", 1): 0.99}
-    gradient_mean = gradient.drop_duplicates(["method", "draws"]).drop(columns="repeat").assign(repeats=2)
-    gradient_mean["cosine"] = [pooled[(m, n)] for m, n in zip(gradient_mean.method, gradient_mean.draws)]
+    gradient_mean = gradient.drop_duplicates(["method", "batch", "draws"]).drop(columns="repeat").assign(repeats=2)
+    gradient_mean["cosine"] = [{("espo", 2, 0): 0.6, ("espo", 2, 1): 0.7}.get((m, n, b), c) for m, n, b, c in zip(
+        gradient_mean.method, gradient_mean.draws, gradient_mean.batch, gradient_mean.cosine)]
     paths = []
     for name, frame in (("exact", exact), ("loglik", loglik), ("gradient", gradient), ("gradient_mean", gradient_mean)):
         frame.to_csv(folder / f"{name}.csv", index=False)
@@ -271,16 +301,16 @@ def test_report_table_and_findings_pin_hand_computed_numbers(tmp_path):
     table.columns = [c.strip() for c in table.columns]
     rows = {r["method"].strip(): {k: str(v).strip() for k, v in r.items()} for _, r in table.iterrows()}
     assert rows["ESPO"]["log-lik bias"] == "0.00" and rows["ESPO"]["sd, 1 draw"] == "0.71"
-    assert rows["ESPO"]["grad cos, 1 draw"] == "0.30 [0.20, 0.40]"
-    assert rows["ESPO"]["grad cos, 2 draws"] == "0.60 [0.50, 0.70]"
+    assert rows["ESPO"]["grad cos, 1 draw"] == "0.40 [0.30, 0.50]"  # batch means 0.3 and 0.5
+    assert rows["ESPO"]["grad cos, 2 draws"] == "0.60"  # both batches agree: no interval
     assert rows["ESPO"]["grad cos, mean of repeats"] == "0.65" and rows["d1"]["log-lik bias"] == "–"
-    assert rows["exact ELBO"]["passes / draw"] == "7" and rows["exact ELBO"]["grad cos, 2 draws"] == "0.90"
+    assert rows["exact ELBO"]["passes / draw"] == "7" and rows["exact ELBO"]["grad cos, 2 draws"] == "0.80 [0.70, 0.90]"
     text = (tmp_path / "paper/tables/fidelity_findings.md").read_text()
     assert text.startswith("At 2 draws per estimate, ESPO has the policy gradient best aligned with the exact one "
-                           "(mean cosine 0.60) and d1 the worst (0.10).")
+                           "(mean cosine over 2 batches 0.60) and d1 the worst (0.10).")
     assert ("cosine 0.99 with the exact gradient of the sampler's likelihood (their log-likelihoods differ by -0.03 "
             in text)
-    assert "has cosine 0.90, and ESPO's mean over all repeats reaches 0.65." in text
+    assert "has cosine 0.80, and the mean of ESPO's repeated estimates reaches 0.65." in text
     assert (tmp_path / "paper/figures/fidelity.png").stat().st_size > 5000
 
 
@@ -291,8 +321,8 @@ def test_report_of_the_study_and_of_a_study_that_did_not_run(study, tmp_path):
                 outputs(tmp_path / "a"), ["d1", "agrpo", "espo", "dmpo", "diffpo", "lfpo"], {})
     table = (tmp_path / "a/tables/fidelity.md").read_text()
     assert all(f"| {m} " in table for m in ("d1", "agrpo", "espo", "dmpo", "diffpo", "lfpo", "exact ELBO"))
-    espo = t["gradient"].query("method == 'espo' and target == 'low_confidence' and draws == 8").cosine
-    assert f"| {espo.mean():.2f} [" in table  # the cell is the mean over repeats
+    espo = t["gradient"].query("method == 'espo' and target == 'low_confidence' and draws == 8")
+    assert f"| {espo.groupby('batch').cosine.mean().mean():.2f} [" in table  # the mean over batches of repeats' means
     report.main([], outputs(tmp_path / "b"), [], {})
     assert "fidelity.enabled is false" in (tmp_path / "b/tables/fidelity.md").read_text()
     assert "did not run" in (tmp_path / "b/tables/fidelity_findings.tex").read_text()

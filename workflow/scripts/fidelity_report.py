@@ -7,13 +7,14 @@ Each method is measured on its own rollouts against the exact log-likelihood of 
 
 table   per method: rollouts, forward passes per sequence per draw; its log-likelihood estimate's bias (mean over
         completions of the mean over repeats minus the exact value, nats per sequence) and Spearman rank
-        correlation with the exact value (mean over repeats) at the most draws, and its standard deviation over
-        repeats at one draw (root mean over completions of the variance); the cosine of its gradient with the
-        exact gradient at one draw and at the most draws (mean [95% bootstrap CI] over repeats), and of the
-        mean of all repeats' gradients at the most draws (the estimator's limit)
-findings  a paragraph for the paper stating the main contrasts, every number read from the table and figure
+        correlation with the exact value within a batch (mean over batches and repeats) at the most draws, and
+        its standard deviation over repeats at one draw (root mean over completions of the variance); the
+        cosine of its gradient with the exact gradient at one draw and at the most draws (each batch's mean over
+        repeats; mean [95% bootstrap CI] over batches), and of the mean of a batch's repeats' gradients at the
+        most draws (mean over batches: the estimator's limit)
+findings  a paragraph for the paper stating the main contrasts, every number read from the table
 figure  (a) gradient cosine and (b) log-likelihood RMSE against forward passes per sequence, mean and 95% CI
-        over repeats; dotted lines: the exact ELBO and trajectory gradients on low-confidence rollouts
+        over batches; lines: the exact ELBO and trajectory gradients on low-confidence rollouts
 When the study did not run (fidelity.enabled false) the table is a one-line note and the figure says so.
 """
 
@@ -47,38 +48,44 @@ def rank_correlation(a, b) -> float:
 
 def loglik_stats(exact: pd.DataFrame, loglik: pd.DataFrame) -> pd.DataFrame:
     """Per method, rollouts, draws: bias, sd, rmse and Spearman of the estimate against the rollouts' own exact
-    log-likelihood; plus one row per other exact quantity (sd 0)."""
+    log-likelihood, over every batch's completions; plus one row per other exact quantity (sd 0)."""
     rows = []
-    merged = loglik.merge(exact, on=["rollouts", "row"])
+    merged = loglik.merge(exact, on=["batch", "rollouts", "row"])
     for (method, rollouts, draws, passes), g in merged.groupby(["method", "rollouts", "draws", "passes"]):
         truth = g[PRIMARY[rollouts]]
-        per_row = g.assign(error=g.estimate - truth).groupby("row")
+        per_row = g.assign(error=g.estimate - truth).groupby(["batch", "row"])
         rows.append({"method": method, "rollouts": rollouts, "draws": draws, "passes": passes,
                      "bias": per_row.error.mean().mean(), "sd": np.sqrt(per_row.estimate.var().mean()),
                      "rmse": np.sqrt(((g.estimate - truth) ** 2).mean()),
                      "spearman": np.nanmean([rank_correlation(r.estimate, r[PRIMARY[rollouts]])
-                                             for _, r in g.groupby("repeat")])})
+                                             for _, r in g.groupby(["batch", "repeat"])])})
     for rollouts, g in exact.groupby("rollouts"):
         truth = g[PRIMARY[rollouts]]
         for other in (t for t in TARGETS if t != PRIMARY[rollouts]):
             rows.append({"method": f"exact_{other}", "rollouts": rollouts, "draws": 1, "passes": np.nan,
                          "bias": (g[other] - truth).mean(), "sd": 0.0,
                          "rmse": np.sqrt(((g[other] - truth) ** 2).mean()),
-                         "spearman": rank_correlation(g[other], truth)})
+                         "spearman": np.nanmean([rank_correlation(b[other], b[PRIMARY[rollouts]])
+                                                 for _, b in g.groupby("batch")])})
     return pd.DataFrame(rows)
 
 
 def gradient_stats(gradient: pd.DataFrame, gradient_mean: pd.DataFrame) -> pd.DataFrame:
-    """Per method, rollouts, draws, at the rollouts' own target: cosine mean, CI over repeats, and the cosine of
-    the mean gradient over repeats."""
-    own = gradient[gradient.target == gradient.rollouts.map(PRIMARY)]
-    pooled = gradient_mean.set_index(["method", "rollouts", "target", "draws"]).cosine
+    """Per method, rollouts, draws, at the rollouts' own target: each batch's mean cosine over repeats
+    (`cosines`), their mean and 95% bootstrap CI over batches, and the mean over batches of the cosine of the
+    mean gradient over repeats (`pooled`)."""
+    keys = ["method", "rollouts", "draws", "passes"]
+
+    def own(frame):
+        return frame[frame.target == frame.rollouts.map(PRIMARY)]
+
+    per_batch = own(gradient).groupby([*keys, "batch"]).cosine.mean()
+    pooled = own(gradient_mean).groupby(keys).cosine.mean()
     rows = []
-    for (method, rollouts, draws, passes), g in own.groupby(["method", "rollouts", "draws", "passes"]):
-        mean, low, high = mean_ci(g.cosine)
-        rows.append({"method": method, "rollouts": rollouts, "draws": draws, "passes": passes, "mean": mean,
-                     "low": low, "high": high, "cosines": g.cosine.to_numpy(),
-                     "pooled": pooled[(method, rollouts, PRIMARY[rollouts], draws)]})
+    for key, g in per_batch.groupby(level=keys):
+        mean, low, high = mean_ci(g.to_numpy())
+        rows.append({**dict(zip(keys, key)), "mean": mean, "low": low, "high": high, "cosines": g.to_numpy(),
+                     "pooled": pooled[key]})
     return pd.DataFrame(rows)
 
 
@@ -90,8 +97,7 @@ def fidelity_table(ll: pd.DataFrame, gs: pd.DataFrame, methods: list[str], names
         for rollouts in (r for r in ROLLOUTS if ((gs.method == method) & (gs.rollouts == r)).any()):
             g = gs[(gs.method == method) & (gs.rollouts == rollouts)].set_index("draws")
             lik = ll[(ll.method == method) & (ll.rollouts == rollouts)].set_index("draws")
-            exact = method.startswith("exact_")
-            at = 1 if exact else most
+            at = 1 if method.startswith("exact_") else most  # an exact quantity takes no draws
             rows.append({
                 "method": display(method, names), "rollouts": ROLLOUTS[rollouts],
                 "passes / draw": num(g.passes.iloc[0] / g.index[0], 0),
@@ -99,7 +105,7 @@ def fidelity_table(ll: pd.DataFrame, gs: pd.DataFrame, methods: list[str], names
                 "sd, 1 draw": num(lik.sd.get(1, np.nan), 2),
                 "Spearman": num(lik.spearman.get(at, np.nan), 2),
                 "grad cos, 1 draw": cell(g.cosines[1], 1.0, 2),
-                f"grad cos, {most} draws": num(g.loc[at, "mean"], 2) if exact else cell(g.cosines[most], 1.0, 2),
+                f"grad cos, {most} draws": cell(g.cosines[at], 1.0, 2),
                 "grad cos, mean of repeats": num(g.loc[at, "pooled"], 2)})
     return pd.DataFrame(rows)
 
@@ -119,9 +125,10 @@ def findings(ll: pd.DataFrame, gs: pd.DataFrame, methods: list[str], names: dict
     def who(m):
         return display(m, names)
 
+    batches = len(studied.cosines.iloc[0])
     text = [f"At {most} draws per estimate, {who(ranked.index[-1])} has the policy gradient best aligned with the "
-            f"exact one (mean cosine {ranked.iloc[-1]:.2f}) and {who(ranked.index[0])} the worst "
-            f"({ranked.iloc[0]:.2f})."]
+            f"exact one (mean cosine over {batches} batches {ranked.iloc[-1]:.2f}) and {who(ranked.index[0])} the "
+            f"worst ({ranked.iloc[0]:.2f})."]
     trajectory, elbo = exact("exact_trajectory", "low_confidence"), exact("exact_elbo", "low_confidence")
     if not np.isnan(trajectory):
         gap = ll[(ll.method == "exact_trajectory") & (ll.rollouts == "low_confidence")].bias.iloc[0]
@@ -131,13 +138,13 @@ def findings(ll: pd.DataFrame, gs: pd.DataFrame, methods: list[str], names: dict
         text.append(f"On low-confidence rollouts the gradient of the recorded trajectory's log-likelihood has cosine "
                     f"{trajectory:.2f} with the exact gradient of the sampler's likelihood{nearly}; the exact ELBO's "
                     f"gradient, the limit of ESPO's estimate, has cosine {elbo:.2f}"
-                    + (f", and ESPO's mean over all repeats reaches {pooled['espo']:.2f}." if "espo" in pooled
+                    + (f", and the mean of ESPO's repeated estimates reaches {pooled['espo']:.2f}." if "espo" in pooled
                        else "."))
     random_trajectory = exact("exact_trajectory", "random")
     if "agrpo" in pooled and not np.isnan(random_trajectory):
         text.append(f"On random-unmasking rollouts the recorded trajectory's gradient, which AGRPO estimates, has "
-                    f"cosine {random_trajectory:.2f} with the exact random-order gradient, and AGRPO's mean over all "
-                    f"repeats {pooled['agrpo']:.2f}.")
+                    f"cosine {random_trajectory:.2f} with the exact random-order gradient, and the mean of AGRPO's "
+                    f"repeated estimates {pooled['agrpo']:.2f}.")
     if "lfpo" in ranked:
         text.append("LFPO has no likelihood: only its gradient is compared.")
     return " ".join(text)
@@ -149,11 +156,12 @@ def fidelity_figure(ll: pd.DataFrame, gs: pd.DataFrame, methods: list[str], name
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(studied)}
     for m in studied:
         g = gs[gs.method == m].sort_values("passes")
-        left.plot(g.passes, g["mean"], marker="o", ms=3, color=colors[m], label=display(m, names))
+        label = display(m, names) + (" (random rollouts)" if (g.rollouts == "random").all() else "")
+        left.plot(g.passes, g["mean"], marker="o", ms=3, color=colors[m], label=label)
         left.fill_between(g.passes, g.low, g.high, color=colors[m], alpha=0.15, lw=0)
         lik = ll[ll.method == m].sort_values("passes")
         if not lik.empty:
-            right.plot(lik.passes, lik.rmse, marker="o", ms=3, color=colors[m], label=display(m, names))
+            right.plot(lik.passes, lik.rmse, marker="o", ms=3, color=colors[m], label=label)
     for ref, style in (("exact_elbo", ":"), ("exact_trajectory", "-.")):
         value = gs[(gs.method == ref) & (gs.rollouts == "low_confidence")]["mean"]
         if not value.empty:
@@ -161,7 +169,8 @@ def fidelity_figure(ll: pd.DataFrame, gs: pd.DataFrame, methods: list[str], name
     left.set(xscale="log", xlabel="forward passes per sequence", ylabel="cosine with the exact gradient",
              title="(a) policy-gradient direction")
     right.set(xscale="log", yscale="log", xlabel="forward passes per sequence",
-              ylabel="RMSE of log-likelihood (nats / sequence)", title="(b) log-likelihood (LFPO has none)")
+              ylabel="RMSE of log-likelihood (nats / sequence)",
+              title="(b) log-likelihood vs the sampler's (LFPO has none)")
     ticks = sorted(set(gs[~gs.method.str.startswith("exact_")].passes))
     for ax in (left, right):
         ax.set_xticks(ticks, [str(int(t)) for t in ticks])
