@@ -108,7 +108,7 @@ def test_smoke_workflow_end_to_end(tmp_path):
     for name in ("curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown", "fidelity"):
         assert (work / f"paper/figures/{name}.png").stat().st_size > 5000
     exact = pd.read_csv(work / "results/fidelity/exact.csv")  # the fidelity study on the smoke base
-    assert len(exact) == 2 * 2 * 4  # two samplers' rollouts x 2 prompts x 4 completions
+    assert len(exact) == 2 * 2 * 2 * 4  # two batches x two samplers' rollouts x 2 prompts x 4 completions
     fidelity = (work / "paper/tables/fidelity.md").read_text()
     assert all(f"| {m} " in fidelity for m in ("d1", "agrpo", "espo", "dmpo", "diffpo", "lfpo"))
     html = (work / "paper/build/paper.html").read_text()
