@@ -2,7 +2,7 @@
 
 Every method replaces the intractable likelihood of a dLLM policy by a surrogate. For short completions
 (L <= 8 positions) the truth is computable, so this study measures how far each surrogate is from it, on
-a fixed batch of rollouts of the tiny base with fixed rewards:
+fixed batches of rollouts of the tiny base with fixed rewards:
 
 Exact quantities per completion o (one forward pass per revealed subset S of the L positions, 2^L - 1 in all;
 the subset with nothing masked needs none):
@@ -25,8 +25,8 @@ gradient (the low-confidence likelihood jumps where two confidences tie: its gra
 jumps, almost everywhere). The sampling temperature T is the training sampler's (TrainConfig: 0.9), so the
 untempered surrogates (d1's, ESPO's, DMPO's, the ELBO) also carry that mismatch; T must be > 0.
 
-The surrogates, called as the methods call them (their `prepare` and `loss`, with beta = 0 and mu = 1: the
-gradient of the first inner step, at theta = theta_old = theta_ref, where the KL terms vanish anyway):
+The surrogates, called as the methods call them (their `prepare` and `loss`, with the KL weight beta = 0 and
+mu = 1: the gradient of the first inner step, at theta = theta_old = theta_ref, where KL terms vanish anyway):
   d1      mean-field one-step log-probs on a randomly masked prompt (harness.likelihood.mean_field_logp),
           summed up to the first EOS                                                  1 pass per draw
   diffpo  the two-times mean-field surrogate (mode="model": the token term only), IS-weighted in the
@@ -50,10 +50,9 @@ cross-entropy gradient). So the cosine measures the likelihood surrogate alone, 
 (AGRPO's 1/T_i, d1's truncation at the first EOS, DiFFPO's importance weights).
 
 Rewards are fixed seeded U(0, 1) draws, not the task's: at L <= 8 the tiny base rarely solves a task, and
-the study is about likelihoods, not rewards. The prompts are the task's first test items.
-
-The direction of the exact gradient of a 32-completion batch depends on which completions the batch holds, so
-the study draws `batches` independent batches (other prompts, rollouts and rewards) and reports over them.
+the study is about likelihoods, not rewards. The direction of the exact gradient of a 32-completion batch
+depends on which completions the batch holds, so the study draws `batches` independent batches (batch b: the
+task's test prompts b * prompts to (b + 1) * prompts - 1, its own rollouts and rewards) and reports over them.
 
 Outputs in --out (CSV, tidy, written atomically; `batch` numbers the batches, `row` the completions in one):
   exact.csv          per completion: batch, rollouts, row, group, reward, completion ids, and the four exact
@@ -487,8 +486,8 @@ def study_batch(model, batches: dict[str, Batch], cfg: FidelityConfig, b: int, b
 def parts_folder(cfg: FidelityConfig) -> Path:
     """Where finished batches wait for the end of the run: keyed by the configuration and the model's files, so
     that a rerun resumes only the same study of the same model."""
-    files = sorted(Path(cfg.model).glob("*")) if Path(cfg.model).is_dir() else []
-    key = runs.dumps({**asdict(cfg), "out": "", "threads": 0,
+    files = sorted(f for f in Path(cfg.model).glob("*") if f.is_file())
+    key = runs.dumps({**asdict(cfg), "out": "",
                       "model_files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]})
     return Path(cfg.out) / ".parts" / f"{zlib.crc32(key.encode()):08x}"
 
