@@ -72,6 +72,7 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -87,7 +88,7 @@ import algorithms
 import benchmarks
 from algorithms import agrpo, d1, diffpo, espo
 from harness import runs
-from harness.cli import add_fields, build
+from harness.cli import EXPECTED, Parser, add_fields, build
 from harness.model import load, log_policy, token_logits
 from harness.rollout import Batch, group_centered, rollout
 from harness.sampler import SamplerConfig
@@ -493,8 +494,18 @@ def parts_folder(cfg: FidelityConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    parser = argparse.ArgumentParser(prog="python -m harness.fidelity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    """The command line; bad input ends in one line `error: ...` (DLLM_DEBUG=1: the traceback), as harness.cli."""
+    try:
+        return _main(argv)
+    except EXPECTED as e:
+        if os.environ.get("DLLM_DEBUG"):
+            raise
+        sys.exit(f"error: {e}")
+
+
+def _main(argv: list[str] | None) -> dict[str, pd.DataFrame]:
+    parser = Parser(prog="python -m harness.fidelity", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_fields(parser, FidelityConfig())
     cfg = build(FidelityConfig(), vars(parser.parse_args(argv)))
     torch.set_num_threads(cfg.threads)

@@ -167,6 +167,10 @@ def test_exact_gradient_equals_autograd_through_the_brute_force(trained):
 
 
 def test_bad_settings_name_the_value_and_the_fix():
+    with pytest.raises(SystemExit, match=r"^error: --gen_length=9: .* choose 1 to 8$"):
+        fidelity.main(["--gen_length", "9"])
+    with pytest.raises(SystemExit, match=r"^error: model folder '/nonexistent' does not exist"):
+        fidelity.main(["--model", "/nonexistent"])
     with pytest.raises(ValueError, match=r"--gen_length=9: .* choose 1 to 8"):
         fidelity.FidelityConfig(gen_length=9)
     with pytest.raises(ValueError, match=r"--temperature=0.0: .* > 0"):
