@@ -111,8 +111,12 @@ def test_smoke_workflow_end_to_end(tmp_path):
         assert 0 <= rows["lm_eval_eb1.0/arithmetic/reward"] <= 1 and rows["lm_eval_eb1.0/arithmetic/nfe_mean"] > 0, algo
     results = (work / "paper/tables/results.md").read_text()
     assert all(f"| {algo} " in results for algo in METHODS)  # smoke.yaml sets no display names
-    for name in ("curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown"):
+    for name in ("curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown", "fidelity"):
         assert (work / f"paper/figures/{name}.png").stat().st_size > 5000
+    exact = pd.read_csv(work / "results/fidelity/exact.csv")  # the fidelity study on the smoke base
+    assert len(exact) == 2 * 2 * 2 * 4  # two batches x two samplers' rollouts x 2 prompts x 4 completions
+    fidelity = (work / "paper/tables/fidelity.md").read_text()
+    assert all(f"| {m} " in fidelity for m in ("d1", "agrpo", "espo", "dmpo", "diffpo", "lfpo"))
     html = (work / "paper/build/paper.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
 
@@ -120,7 +124,7 @@ def test_smoke_workflow_end_to_end(tmp_path):
     shutil.rmtree(work / "paper/figures")
     again = snakemake(*args, "--cores", "2", timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]
-    assert set(job_counts(again.stdout)) == {"aggregate", "tables", "figures", "paper", "all"}
+    assert set(job_counts(again.stdout)) == {"aggregate", "tables", "figures", "fidelity_report", "paper", "all"}
 
     report = snakemake(*args, "--report", str(work / "report.html"), timeout=300)
     assert report.returncode == 0, report.stdout[-3000:]

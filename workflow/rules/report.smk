@@ -74,6 +74,7 @@ rule paper:
         tex="paper/main.tex",
         tables=expand("paper/tables/{name}.{ext}", name=TABLES, ext=["md", "tex"]),
         figures=expand("paper/figures/{name}.{ext}", name=FIGURES, ext=["pdf", "png"]),
+        fidelity=rules.fidelity_report.output,
     output:
         report(paper_outputs(), caption="../report/paper.rst", category="Paper"),
     log:
