@@ -170,7 +170,7 @@ def fidelity_figure(ll: pd.DataFrame, gs: pd.DataFrame, methods: list[str], name
              title="(a) policy-gradient direction")
     right.set(xscale="log", yscale="log", xlabel="forward passes per sequence",
               ylabel="RMSE of log-likelihood (nats / sequence)",
-              title="(b) log-likelihood vs the sampler's (LFPO has none)")
+              title="(b) log-likelihood error (LFPO: none)")
     ticks = sorted(set(gs[~gs.method.str.startswith("exact_")].passes))
     for ax in (left, right):
         ax.set_xticks(ticks, [str(int(t)) for t in ticks])
