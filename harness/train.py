@@ -41,7 +41,8 @@ task's reward, on the first `eval_limit` test items), greedy with the shared `ev
 `eval/nfe`: the comparable numbers). A method that declares a `sample` override is ALSO evaluated greedily
 with its own decoding, logged next to them as `eval_own/reward`, `eval_own/accuracy`, `eval_own/nfe`
 (DiFFPO: its learned EB threshold, accuracy vs NFE; AGRPO: random-order unmasking; LFPO: the EMA rollout
-policy).
+policy). With `eval_eb_gammas`, the initial and the final model are also evaluated with entropy-bounded decoding at
+each gamma (`eval_eb<gamma>/*`), the inference frontier.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ class TrainConfig:
     """evaluate on the test split every this many steps (and at steps 0 and the last)"""
     eval_limit: int = 256
     """test items per evaluation"""
+    eval_eb_gammas: tuple[float, ...] = ()
+    """at step 0 and the last step, also evaluate with entropy-bounded decoding at each of these gammas
+    (`eval_eb<gamma>/*`: the inference frontier of the initial and the final model); none by default"""
     save_every: int = 20
     """checkpoint every this many steps (and at the last)"""
     nonfinite_skips: int = 0
@@ -331,20 +335,22 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             runs.link_missing(ckpt / "snapshots", run / "snapshots")
             tqdm.write(f"resuming {run} from its checkpoint of step {start}")
 
-    def evaluate_now() -> dict:
+    def evaluate_now(frontier: bool = False) -> dict:
         """Every process takes part (lm-eval shares the items out); the main process gets the scores."""
         counter.phase = "eval"
-        shared = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg)
-        own = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample) if sample else None
-        # `sample`: the method's own decoding, next to the shared (comparable) evaluation
-        return {**{f"eval/{k}": v for k, v in (shared or {}).items()},
-                **{f"eval_own/{k}": v for k, v in (own or {}).items()}}
+        scores = {"eval": score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg)}
+        if sample:  # the method's own decoding, next to the shared (comparable) evaluation
+            scores["eval_own"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample)
+        for gamma in cfg.eval_eb_gammas if frontier else ():
+            eb = dataclasses.replace(eval_cfg, decoding="eb", eb_gamma=float(gamma))
+            scores[f"eval_eb{float(gamma)}"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eb)
+        return {f"{prefix}/{k}": v for prefix, values in scores.items() for k, v in (values or {}).items()}
 
     def total(value: float) -> float:
         return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()
 
     if start == 0:
-        row = evaluate_now()
+        row = evaluate_now(frontier=True)
         if main:
             runs.append_metrics(run / "metrics.jsonl", {"step": 0, **row})
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.task}/seed{cfg.seed}", unit="step",
@@ -439,7 +445,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         if world > 1:  # forward passes and sequences of all processes
             row.update({k: int(total(v)) for k, v in row.items() if k.startswith(("forward/", "sequences/"))})
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            row.update(evaluate_now())
+            row.update(evaluate_now(frontier=step == cfg.steps))
         if main:
             runs.append_metrics(run / "metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}" if losses else "skipped",

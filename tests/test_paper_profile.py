@@ -34,7 +34,7 @@ def test_dry_run_plans_accelerate_launched_gpu_jobs_with_each_papers_settings():
     assert done.returncode == 0, done.stdout[-3000:]
     counts = job_counts(done.stdout)
     assert "pretrain" not in counts and counts["train"] == len(METHODS) * len(PAPER["tasks"])
-    assert counts["lm_eval_base"] == 1 and counts["lm_eval_benchmarks"] == counts["lm_eval_frontier"] == len(METHODS)
+    assert counts["lm_eval_base"] == 1 and counts["lm_eval_benchmarks"] == len(METHODS)
     planned = jobs(done.stdout)
     assert sorted(Path(run).parent.name for run in planned) == METHODS
     for run, job in planned.items():
@@ -96,16 +96,17 @@ def test_accelerate_configs_parse(name, kind):
 
 
 def test_launched_workflow_jobs_run_on_two_cpu_processes(tmp_path, monkeypatch):
-    """The smoke profile with `launch` (config/accelerate/cpu.yaml, 2 gloo processes): the train job and the
-    lm-eval job of a run go through `accelerate launch`, as the paper profile's do on GPUs."""
+    """The smoke profile with `launch` (config/accelerate/cpu.yaml, 2 gloo processes): the train job (with its
+    in-process lm-eval, the frontier included) and the benchmark job of a run go through `accelerate launch`, as the
+    paper profile's do on GPUs."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # what makes accelerate start gloo processes (cpu.yaml)
     work = tmp_path / "work"
     work.mkdir()
     (tmp_path / "launch.yaml").write_text(yaml.safe_dump({
         "algorithms": ["d1"], "launch": {"accelerate_config": "config/accelerate/cpu.yaml", "processes": 2},
-        "lm_eval": {"benchmarks": [], "benchmark_seeds": 1, "limit": 2, "eb_gammas": [1.0]}}))
+        "lm_eval": {"benchmarks": ["arithmetic"], "benchmark_seeds": 1, "limit": 2, "eb_gammas": [1.0]}}))
     run = "results/runs/smoke/arithmetic/d1/seed0"
-    done = snakemake(f"{run}/eval/eb1.0.json", "--snakefile", str(ROOT / "workflow/Snakefile"), "--directory",
+    done = snakemake(f"{run}/eval/step2.json", "--snakefile", str(ROOT / "workflow/Snakefile"), "--directory",
                      str(work), "--cores", "2", "--configfile", str(ROOT / "config/smoke.yaml"),
                      str(tmp_path / "launch.yaml"), "-p", timeout=900)
     assert done.returncode == 0, done.stdout[-5000:]
@@ -114,6 +115,7 @@ def test_launched_workflow_jobs_run_on_two_cpu_processes(tmp_path, monkeypatch):
     assert provenance["processes"] == 2 and "accelerate.commands.launch" in done.stdout
     rows = [yaml.safe_load(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/reward" in rows[-1], log[-2000:]
-    assert "accelerate.commands.launch" in (work / run / "eval/frontier.log").read_text()
-    frontier = yaml.safe_load((work / run / "eval/eb1.0.json").read_text())
-    assert frontier["harness"]["tasks"]["arithmetic"]["sampler"]["decoding"] == "eb"
+    assert "eval_eb1.0/nfe" in rows[0] and "eval_eb1.0/nfe" in rows[-1]  # the frontier, in the launched train job
+    assert "accelerate.commands.launch" in done.stdout.split("rule lm_eval_benchmarks:")[1]  # its printed command
+    benchmarks = yaml.safe_load((work / run / "eval/step2.json").read_text())
+    assert benchmarks["harness"]["tasks"]["arithmetic"]["nfe"] and "reward,none" in benchmarks["results"]["arithmetic"]

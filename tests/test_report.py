@@ -23,7 +23,7 @@ NAMES = {"d1": "d1 (diffu-GRPO)", "diffpo": "DiFFPO"}
 
 def synthetic_summary(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, steps=8, every=2) -> pd.DataFrame:
     """Runs whose test reward rises with the method's index, seeded noise; diffpo logs its own decoding and
-    every run (and the base) an entropy-bounded frontier at two gammas."""
+    every run an entropy-bounded frontier at two gammas at its first and last step."""
     rng, rows = np.random.default_rng(0), []
 
     def add(task, algo, seed, step, metric, value):
@@ -38,9 +38,6 @@ def synthetic_summary(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, 
         add(task, "base", 0, 0, "bench/s", 160.0)
         add(task, "base", 0, 0, "bench/cpu_time", 30.0)
         add(task, "base", 0, 0, "lm_eval/gsm8k/exact_match/flexible-extract", 0.0)
-        for g, frac in (("0.1", 0.8), ("10.0", 0.3)):
-            add(task, "base", 0, 0, f"lm_eval_eb{g}/{task}/reward", 0.3 - 0.1 * (frac < 0.5))
-            add(task, "base", 0, 0, f"lm_eval_eb{g}/{task}/nfe_mean", frac * nfe)
         for i, algo in enumerate(methods):
             for seed in range(seeds):
                 for step in range(steps + 1):
@@ -65,9 +62,10 @@ def synthetic_summary(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, 
                 add(task, algo, seed, steps, "lm_eval/gsm8k/exact_match/flexible-extract", 0.01 * i)
                 add(task, algo, seed, steps, "lm_eval/gsm8k/seconds", 3.0)
                 add(task, algo, seed, steps, "lm_eval/gsm8k/sample_len", 16)
-                for g, frac in (("0.1", 0.8), ("10.0", 0.3)):
-                    add(task, algo, seed, steps, f"lm_eval_eb{g}/{task}/reward", reward - 0.1 * (frac < 0.5))
-                    add(task, algo, seed, steps, f"lm_eval_eb{g}/{task}/nfe_mean", frac * nfe)
+                for step, r in ((0, 0.3), (steps, reward)):  # the frontier of the initial and the final model
+                    for g, frac in (("0.1", 0.8), ("10.0", 0.3)):
+                        add(task, algo, seed, step, f"eval_eb{g}/reward", r - 0.1 * (frac < 0.5))
+                        add(task, algo, seed, step, f"eval_eb{g}/nfe", frac * nfe)
     return pd.DataFrame(rows)
 
 
@@ -161,13 +159,12 @@ def test_aggregate_reads_only_run_folders(tmp_path):
           "harness": {"tasks": {"arithmetic": {"nfe_mean": 6.5, "nfe": [6, 7], "seconds": 2.0, "decoding": "eb"},
                                 "gsm8k": {"nfe_mean": 40, "seconds": 3.0}}, "seconds": 5.0}}
     (run / "eval/step2.json").write_text(json.dumps(lm))
-    (run / "eval/eb0.5.json").write_text(json.dumps(lm))
     base = tmp_path / "results/base/p"
     base.mkdir(parents=True)
     (base / "timing.tsv").write_text("s\th:m:s\tcpu_time\n190.0\t0:03:10\t188.4\n")
     (base / "pretrain.json").write_text(json.dumps(
         {"minutes": 2.5, "parameters": 1000, "test": {"arithmetic": {"reward": 0.3}, "sudoku": {"reward": 0.2}}}))
-    files = [run / "metrics.jsonl", run / "timing.tsv", run / "eval/step2.json", run / "eval/eb0.5.json",
+    files = [run / "metrics.jsonl", run / "timing.tsv", run / "eval/step2.json",
              base / "pretrain.json", base / "timing.tsv"]
     rows = pd.DataFrame(aggregate.aggregate([str(f) for f in files], ["arithmetic"]))
     got = {(r.algo, r.step, r.metric): r.value for r in rows.itertuples()}
@@ -179,9 +176,6 @@ def test_aggregate_reads_only_run_folders(tmp_path):
         ("d1", 2, "lm_eval/arithmetic/reward"): 0.5, ("d1", 2, "lm_eval/gsm8k/exact_match/strict-match"): 0.1,
         ("d1", 2, "lm_eval/arithmetic/nfe_mean"): 6.5, ("d1", 2, "lm_eval/gsm8k/nfe_mean"): 40.0,
         ("d1", 2, "lm_eval/arithmetic/seconds"): 2.0, ("d1", 2, "lm_eval/gsm8k/seconds"): 3.0,
-        ("d1", 2, "lm_eval_eb0.5/arithmetic/reward"): 0.5, ("d1", 2, "lm_eval_eb0.5/gsm8k/exact_match/strict-match"): 0.1,
-        ("d1", 2, "lm_eval_eb0.5/arithmetic/nfe_mean"): 6.5, ("d1", 2, "lm_eval_eb0.5/gsm8k/nfe_mean"): 40.0,
-        ("d1", 2, "lm_eval_eb0.5/arithmetic/seconds"): 2.0, ("d1", 2, "lm_eval_eb0.5/gsm8k/seconds"): 3.0,
     }
     assert set(rows.profile) == {"p"} and set(rows.task) == {"arithmetic"} and set(rows[rows.algo == "d1"].seed) == {1}
     with pytest.raises(ValueError, match="not inside a run folder"):

@@ -181,7 +181,8 @@ def test_an_interrupted_workflow_job_resumes_bit_identically(trained_dir, tmp_pa
     assert re.search(r"resuming .* from its checkpoint of step [2-5]", (run / "train.log").read_text())
 
     reference = train(TrainConfig(algo="d1", task="sudoku", model=str(base), out=str(tmp_path / "reference"),
-                                  profile="resume", threads=1, **config["train"]))
+                                  profile="resume", threads=1, eval_eb_gammas=tuple(config["lm_eval"]["eb_gammas"]),
+                                  **config["train"]))
     assert outcome(run) == outcome(reference)
     for step in (2, 4, 6):
         snapshot = [(folder / f"snapshots/step{step}/model.safetensors").read_bytes() for folder in (run, reference)]

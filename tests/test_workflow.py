@@ -49,8 +49,9 @@ def test_lint_finds_nothing_but_the_missing_conda_environments():
 @pytest.mark.parametrize("profile", PROFILES)
 def test_dry_run_plans_every_method_task_and_seed(profile, lm_eval, tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / profile).read_text())
-    """The train jobs of the grid; with lm-eval on, a frontier job per run (both gammas in one), a benchmark job per
-    run of the first benchmark_seeds seeds and one job for the base; with it off, no lm-eval job and no snapshot."""
+    """The train jobs of the grid; with lm-eval on, a benchmark job per run of the first benchmark_seeds seeds and
+    one for the base, the frontier's gammas passed to training (evaluated in the train job); with it off, no lm-eval
+    job, no snapshot and no frontier."""
     (tmp_path / "lm_eval.yaml").write_text(yaml.safe_dump(LM_EVAL[lm_eval]))
     done = snakemake("-n", "-p", "--configfile", f"config/{profile}", str(tmp_path / "lm_eval.yaml"))
     assert done.returncode == 0, done.stdout[-3000:]
@@ -60,13 +61,14 @@ def test_dry_run_plans_every_method_task_and_seed(profile, lm_eval, tmp_path):
     assert counts["train"] == runs
     assert {"aggregate", "tables", "figures", "paper"} <= set(counts)
     if lm_eval:
-        assert counts["lm_eval_frontier"] == runs and counts["lm_eval_base"] == 1
+        assert counts["lm_eval_base"] == 1 and "lm_eval_frontier" not in counts
         assert counts["lm_eval_benchmarks"] == runs // cfg["seeds"] * min(2, cfg["seeds"])
-        assert re.search(r"output: \S+/eval/eb0\.5\.json, \S+/eval/eb2\.0\.json", done.stdout)
+        assert "--tasks gsm8k,hellaswag --limit 2 " in done.stdout
+        assert done.stdout.count("--eval_eb_gammas 0.5 2.0 ") == runs
         assert f"--snapshot_every {cfg['train']['steps']}" in done.stdout
     else:
         assert not any(rule.startswith("lm_eval") for rule in counts)
-        assert "--snapshot_every" not in done.stdout
+        assert "--snapshot_every" not in done.stdout and "--eval_eb_gammas" not in done.stdout
 
 
 @pytest.mark.parametrize("override, message", [
@@ -105,10 +107,12 @@ def test_smoke_workflow_end_to_end(tmp_path):
     for algo in METHODS:
         assert sorted(evals[evals.algo == algo].step) == [0, 1, 2], algo
         assert (summary[(summary.algo == algo)].metric == "bench/s").sum() == 1
-    for algo in ["base", *METHODS]:  # smoke.yaml: gsm8k on the final models of seed 0 and the base, gamma 1.0
+    for algo in ["base", *METHODS]:  # smoke.yaml: gsm8k on the final models of seed 0 and the base
         rows = summary[summary.algo == algo].set_index("metric").value
         assert rows["lm_eval/gsm8k/nfe_mean"] > 0 and 0 <= rows["lm_eval/gsm8k/exact_match/strict-match"] <= 1, algo
-        assert 0 <= rows["lm_eval_eb1.0/arithmetic/reward"] <= 1 and rows["lm_eval_eb1.0/arithmetic/nfe_mean"] > 0, algo
+    frontier = summary[summary.metric == "eval_eb1.0/nfe"]  # gamma 1.0: the initial and the final model of every run
+    assert sorted(frontier.algo) == sorted(METHODS * 2) and set(frontier.step) == {0, 2}
+    assert (frontier.value <= 8).all()  # at most one step per token of arithmetic's 8-token canvas
     results = (work / "paper/tables/results.md").read_text()
     assert all(f"| {algo} " in results for algo in METHODS)  # smoke.yaml sets no display names
     for name in ("curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown", "fidelity"):

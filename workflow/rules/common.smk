@@ -58,13 +58,13 @@ if set(ALGOS) - set(discover_methods()):
 TASKS = list(config["tasks"])
 SEEDS = list(range(config["seeds"]))
 STEPS = config["train"]["steps"]
-# lm-eval of the final models and the base (the in-training test evaluation is lm-eval's too, in the train job):
-# the real benchmarks on the first BENCHMARK_SEEDS seeds, the inference frontier on every run.
+# lm-eval of the real benchmarks on the final models of the first BENCHMARK_SEEDS seeds and on the base; the test
+# evaluations on the training task, the inference frontier at GAMMAS included, are lm-eval's inside the train job.
 BENCHMARKS = list(config["lm_eval"]["benchmarks"])
 BENCHMARK_SEEDS = range(min(config["lm_eval"]["benchmark_seeds"], config["seeds"])) if BENCHMARKS else range(0)
-GAMMAS = [str(g) for g in config["lm_eval"]["eb_gammas"]]
-# The final model is kept in snapshots/step{STEPS}/ when a rule evaluates it.
-FINAL_MODEL = bool(BENCHMARK_SEEDS) or bool(GAMMAS)
+GAMMAS = list(config["lm_eval"]["eb_gammas"])
+# The final model is kept in snapshots/step{STEPS}/ when the benchmarks evaluate it.
+FINAL_MODEL = bool(BENCHMARK_SEEDS)
 TABLES = ["results", "compute", "lm_eval", "reference"]
 FIGURES = ["curve_step", "curve_forward", "curve_time", "frontier", "time_breakdown"]
 # The paper is also built with LaTeX when asked to, or ("auto") when latexmk is installed.
@@ -76,8 +76,6 @@ wildcard_constraints:
     task="[A-Za-z0-9_]+",
     algo="[A-Za-z0-9_]+",
     seed=r"\d+",
-    step=r"\d+",
-    gamma=r"[0-9.]+|inf",
 
 
 def run_dirs():
@@ -92,33 +90,17 @@ def flags(options, prefix="--"):
 
 
 def train_flags(wildcards):
-    shared = {**({"snapshot_every": STEPS} if FINAL_MODEL else {}), **config["train"],
-              **config.get("train_overrides", {}).get(wildcards.algo, {})}
+    shared = {**({"snapshot_every": STEPS} if FINAL_MODEL else {}), **({"eval_eb_gammas": GAMMAS} if GAMMAS else {}),
+              **config["train"], **config.get("train_overrides", {}).get(wildcards.algo, {})}
     return f'{flags(shared)} {flags(config["algo_args"].get(wildcards.algo, {}), "--algo.")}'
 
 
-def evaluations(outputs, frontier_tasks):
-    """What the lm_eval script runs for each of its output files: step{N}.json the real benchmarks with the
-    shared sampler (lm_eval.limit items), eb{gamma}.json the frontier tasks under entropy-bounded decoding at
-    that gamma (train.eval_limit items: those of the in-training evaluation)."""
-    runs = []
-    for out in outputs:
-        if Path(out).name.startswith("eb"):
-            gamma = float(Path(out).stem.removeprefix("eb"))
-            runs.append({"tasks": ",".join(frontier_tasks), "limit": config["train"].get("eval_limit", 256),
-                         "sampler": {"decoding": "eb", "eb_gamma": gamma}})
-        else:
-            runs.append({"tasks": ",".join(BENCHMARKS), "limit": config["lm_eval"]["limit"], "sampler": {}})
-    return runs
-
-
 def base_eval_files():
-    return ([f"{BASE}/eval/step0.json"] if BENCHMARK_SEEDS else []) + [f"{BASE}/eval/eb{g}.json" for g in GAMMAS]
+    return [f"{BASE}/eval/step0.json"] if BENCHMARK_SEEDS else []
 
 
 def run_eval_files(run, seed):
-    benchmarks = [f"{run}/eval/step{STEPS}.json"] if seed in BENCHMARK_SEEDS else []
-    return benchmarks + [f"{run}/eval/eb{g}.json" for g in GAMMAS]
+    return [f"{run}/eval/step{STEPS}.json"] if seed in BENCHMARK_SEEDS else []
 
 
 def summary_inputs():

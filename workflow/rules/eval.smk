@@ -1,7 +1,7 @@
-# lm-eval of the final models and the base, one job (one process) each: the real benchmarks (lm_eval.benchmarks,
-# final models of the first lm_eval.benchmark_seeds seeds) and the inference frontier (every final model on its
-# task under entropy-bounded decoding at each of lm_eval.eb_gammas). The in-training test evaluation, lm-eval's
-# too, runs inside the train job and needs no rule.
+# lm-eval of the real benchmarks (lm_eval.benchmarks, lm_eval.limit items each): the final models of the first
+# lm_eval.benchmark_seeds seeds, and the base. The test evaluations on the training task (every train.eval_every
+# steps, and the inference frontier at lm_eval.eb_gammas of the initial and final models) are lm-eval's too, run
+# inside the train job: they need no rule.
 
 
 rule lm_eval_benchmarks:
@@ -14,54 +14,34 @@ rule lm_eval_benchmarks:
     benchmark:
         f"{RUN}/eval/step{STEPS}.timing.tsv"
     params:
-        root=ROOT,
-        launch=lambda w, output: launcher(output[0]) if LAUNCH else "",
-        model=lambda w, input: input[0],
-        evaluations=lambda w, output: evaluations(output, []),
+        harness=lambda w, output: launcher(output[0]),
+        tasks=",".join(BENCHMARKS),
+        limit=config["lm_eval"]["limit"],
     threads: 1
     resources:
         **job_resources("lm_eval", mem_mb=2000),
-    script:
-        "../scripts/lm_eval.py"
-
-
-rule lm_eval_frontier:
-    input:
-        f"{RUN}/snapshots/step{STEPS}",
-    output:
-        [f"{RUN}/eval/eb{g}.json" for g in GAMMAS],
-    log:
-        f"{RUN}/eval/frontier.log",
-    benchmark:
-        f"{RUN}/eval/frontier.timing.tsv"
-    params:
-        root=ROOT,
-        launch=lambda w, output: launcher(output[0]) if LAUNCH else "",
-        model=lambda w, input: input[0],
-        evaluations=lambda w, output: evaluations(output, [w.task]),
-    threads: 1
-    resources:
-        **job_resources("lm_eval", mem_mb=2000),
-    script:
-        "../scripts/lm_eval.py"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.harness} eval --model {input} --tasks {params.tasks} "
+        "--limit {params.limit} --out {output} > {log} 2>&1"
 
 
 rule lm_eval_base:
     input:
         [] if MODEL else f"{BASE}/pretrain.json",
     output:
-        base_eval_files(),
+        f"{BASE}/eval/step0.json",
     log:
-        f"{BASE}/eval/lm_eval.log",
+        f"{BASE}/eval/step0.log",
     benchmark:
-        f"{BASE}/eval/lm_eval.timing.tsv"
+        f"{BASE}/eval/step0.timing.tsv"
     params:
-        root=ROOT,
-        launch=lambda w, output: launcher(output[0]) if LAUNCH else "",
+        harness=lambda w, output: launcher(output[0]),
         model=lambda w, input: MODEL or Path(input[0]).parent,
-        evaluations=lambda w, output: evaluations(output, TASKS),
+        tasks=",".join(BENCHMARKS),
+        limit=config["lm_eval"]["limit"],
     threads: 1
     resources:
         **job_resources("lm_eval", mem_mb=2000),
-    script:
-        "../scripts/lm_eval.py"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.harness} eval --model {params.model} --tasks {params.tasks} "
+        "--limit {params.limit} --out {output} > {log} 2>&1"

@@ -5,8 +5,6 @@ Reads only files inside run folders (the path scheme is in workflow/Snakefile):
   runs/{profile}/{task}/{algo}/seed{seed}/metrics.jsonl   every numeric field of every row, at its step
   runs/.../timing.tsv                                      Snakemake benchmark: `bench/<column>` at the last step
   runs/.../eval/step{N}.json                               lm-eval: `lm_eval/<lm task>/<metric>` at step N
-  runs/.../eval/eb{gamma}.json                             lm-eval under entropy-bounded decoding:
-                                                           `lm_eval_eb{gamma}/<lm task>/<metric>` at the last step
   base/{profile}/pretrain.json                             the base's test scores `pretrain/<metric>`,
                                                            `pretrain/minutes`, `pretrain/parameters`
   base/{profile}/timing.tsv                                the pretraining job's benchmark: `bench/<column>`
@@ -26,7 +24,7 @@ from pathlib import Path
 COLUMNS = ["profile", "task", "algo", "seed", "step", "metric", "value"]
 RUN = re.compile(r"runs/(?P<profile>[^/]+)/(?P<task>[^/]+)/(?P<algo>[^/]+)/seed(?P<seed>\d+)/")
 BASE = re.compile(r"base/(?P<profile>[^/]+)/")
-EVAL = re.compile(r"(?:step(?P<step>\d+)|eb(?P<gamma>[0-9.]+|inf))\.json$")
+EVAL = re.compile(r"step(?P<step>\d+)\.json$")
 
 
 def number(value) -> float | None:
@@ -73,13 +71,11 @@ def lm_eval_rows(path: Path, prefix: str) -> list[tuple[str, float]]:
     return rows
 
 
-def eval_rows(path: Path, last_step: int) -> list[tuple[int, str, float]]:
+def eval_rows(path: Path) -> list[tuple[int, str, float]]:
     match = EVAL.search(path.name)
     if match is None:
-        raise ValueError(f"{path}: an lm-eval file must be named step<N>.json or eb<gamma>.json")
-    if match["step"] is not None:
-        return [(int(match["step"]), m, v) for m, v in lm_eval_rows(path, "lm_eval")]
-    return [(last_step, m, v) for m, v in lm_eval_rows(path, f"lm_eval_eb{match['gamma']}")]
+        raise ValueError(f"{path}: an lm-eval file must be named step<N>.json")
+    return [(int(match["step"]), m, v) for m, v in lm_eval_rows(path, "lm_eval")]
 
 
 def pretrain_rows(path: Path) -> list[tuple[str, float, str | None]]:
@@ -113,7 +109,7 @@ def aggregate(paths: list[str], tasks: list[str]) -> list[dict]:
             if f.name == "timing.tsv":
                 found += [(last, m, v) for m, v in timing_rows(f)]
             elif f.parent.name == "eval" and f.suffix == ".json":
-                found += eval_rows(f, last)
+                found += eval_rows(f)
         rows += [{**key, "step": step, "metric": m, "value": v} for step, m, v in found]
 
     for profile, files in base.items():
@@ -124,7 +120,7 @@ def aggregate(paths: list[str], tasks: list[str]) -> list[dict]:
             elif f.name == "timing.tsv":
                 found += [(m, v, None) for m, v in timing_rows(f)]
             elif f.parent.name == "eval" and f.suffix == ".json":
-                found += [(m, v, None) for _, m, v in eval_rows(f, 0)]
+                found += [(m, v, None) for _, m, v in eval_rows(f)]
         rows += [{"profile": profile, "task": task, "algo": "base", "seed": 0, "step": 0, "metric": m, "value": v}
                  for m, v, only in found for task in tasks if only in (None, task)]
     rows.sort(key=lambda r: (r["profile"], r["task"], r["algo"], r["seed"], r["step"], r["metric"]))

@@ -5,9 +5,9 @@ curve_step      test metric (eval/<metric>, the shared greedy sampler) vs RL ste
 curve_forward   the same vs cumulative training forward passes (rollout + scoring + training)
 curve_time      the same vs cumulative training time (time/step; evaluation excluded)
 frontier        final test metric vs mean NFE per completion: the shared sampler's default decoding (filled
-                marker), a method's own decoding (eval_own, open marker) and, with lm-eval, the entropy-bounded
-                sampler at each gamma (lm_eval_eb<gamma>, a line per method; the base in grey); methods are
-                shifted sideways by a few points so that equal NFEs stay readable
+                marker), a method's own decoding (eval_own, open marker) and the entropy-bounded sampler at
+                each gamma (eval_eb<gamma>, a line per method; the base, step 0, in grey); methods are shifted
+                sideways by a few points so that equal NFEs stay readable
 time_breakdown  training time per run split into rollout / scoring (prepare) / update, mean over seeds
 """
 
@@ -72,16 +72,16 @@ def curve_figure(data: pd.DataFrame, x: str, metric: str, methods: list[str], co
     return fig
 
 
-def frontier_figure(runs: pd.DataFrame, base: pd.DataFrame, metric: str, methods: list[str], colors: dict,
-                    names: dict):
+def frontier_figure(runs: pd.DataFrame, metric: str, methods: list[str], colors: dict, names: dict):
     tasks = sorted(runs.task.unique())
     fig, axes = panels(tasks)
-    gammas = sorted({m.split("/")[0] for m in summary_metrics(runs, base) if m.startswith("lm_eval_eb")},
-                    key=lambda prefix: float(prefix.removeprefix("lm_eval_eb")))
+    gammas = sorted({m.split("/")[0] for m in runs.metric.unique() if m.startswith("eval_eb")},
+                    key=lambda prefix: float(prefix.removeprefix("eval_eb")))
 
-    def point(rows: pd.DataFrame, y_metric: str, x_metric: str):
-        """(mean NFE, mean %, CI half-widths below and above) over seeds, or None if not logged."""
-        y, x = final(rows, y_metric), final(rows, x_metric)
+    def point(rows: pd.DataFrame, prefix: str):
+        """(mean NFE, mean %, CI half-widths below and above) over seeds of `prefix`/metric and `prefix`/nfe at
+        each run's last step in `rows`, or None if not logged."""
+        y, x = final(rows, f"{prefix}/{metric}"), final(rows, f"{prefix}/nfe")
         if y.empty or x.empty:
             return None
         mean, low, high = mean_ci(y.value)
@@ -101,21 +101,17 @@ def frontier_figure(runs: pd.DataFrame, base: pd.DataFrame, metric: str, methods
 
     for task, ax in axes.items():
         for i, algo in enumerate(["base", *methods]):
-            rows = base if algo == "base" else runs
-            rows = rows[(rows.task == task) & (rows.algo == algo)]
+            # the base is the step 0 of every run of the task (one model: every run gives the same numbers)
+            rows = runs[(runs.task == task) & (runs.step == 0)] if algo == "base" else \
+                runs[(runs.task == task) & (runs.algo == algo) & (runs.step > 0)]
             color = "0.4" if algo == "base" else colors[algo]
-            eb = [p for g in gammas if (p := point(rows, f"{g}/{task}/{metric}", f"{g}/{task}/nfe_mean"))]
-            if eb:
+            if eb := [p for g in gammas if (p := point(rows, g))]:
                 draw(ax, eb, i, color, marker="s", ms=4, lw=1)
-            if algo == "base":  # the base's shared-sampler point is the step 0 of every run
-                at0 = runs[(runs.task == task) & (runs.step == 0)]
-                if p := point(at0, f"eval/{metric}", "eval/nfe"):
-                    draw(ax, [p], i, color, "base", marker="o", ms=7, ls="none")
-                continue
-            if p := point(rows[rows.step > 0], f"eval/{metric}", "eval/nfe"):
-                draw(ax, [p], i, color, name(algo, names), marker="o", ms=7, ls="none")
-            if p := point(rows, f"eval_own/{metric}", "eval_own/nfe"):
-                draw(ax, [p], i, color, f"{name(algo, names)}, own decoding", marker="o", ms=7, mfc="none", ls="none")
+            label = "base" if algo == "base" else name(algo, names)
+            if p := point(rows, "eval"):
+                draw(ax, [p], i, color, label, marker="o", ms=7, ls="none")
+            if algo != "base" and (p := point(rows, "eval_own")):
+                draw(ax, [p], i, color, f"{label}, own decoding", marker="o", ms=7, mfc="none", ls="none")
         if gammas:  # a legend entry for the squares; the colour says whose they are
             ax.plot([], [], color="0.4", marker="s", ms=4, lw=1, label="EB sampler, per gamma")
         ax.margins(x=0.08)  # room for the sideways shifts
@@ -123,10 +119,6 @@ def frontier_figure(runs: pd.DataFrame, base: pd.DataFrame, metric: str, methods
         ax.grid(alpha=0.3)
     legend(fig, axes.values())
     return fig
-
-
-def summary_metrics(*frames: pd.DataFrame) -> set[str]:
-    return set().union(*(f.metric.unique() for f in frames))
 
 
 def time_breakdown_figure(runs: pd.DataFrame, methods: list[str], names: dict):
@@ -151,7 +143,7 @@ def time_breakdown_figure(runs: pd.DataFrame, methods: list[str], names: dict):
 
 def main(summary_path, outputs: list[str], metric: str, algos: list[str], names: dict) -> None:
     summary = load(summary_path)
-    runs, base = summary[summary.algo != "base"], summary[summary.algo == "base"]
+    runs = summary[summary.algo != "base"]
     methods = order(algos, runs.algo.unique())
     colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(methods)}
     data = curves(runs, metric)
@@ -159,7 +151,7 @@ def main(summary_path, outputs: list[str], metric: str, algos: list[str], names:
         "curve_step": lambda: curve_figure(data, "step", metric, methods, colors, names),
         "curve_forward": lambda: curve_figure(data, "forward", metric, methods, colors, names),
         "curve_time": lambda: curve_figure(data, "time", metric, methods, colors, names),
-        "frontier": lambda: frontier_figure(runs, base, metric, methods, colors, names),
+        "frontier": lambda: frontier_figure(runs, metric, methods, colors, names),
         "time_breakdown": lambda: time_breakdown_figure(runs, methods, names),
     }
     folder = Path(outputs[0]).parent
