@@ -286,12 +286,13 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
           batch_size: int = 64) -> dict[str, float] | None:
     """lm-eval, in this process, of a loaded model on a generated-answer task of benchmarks/ (the training loop's
     test evaluation): {"reward", "accuracy", "nfe"}, the means over the first `limit` test items of the task's
-    lm-eval metrics (its LM_EVAL_REWARD, see benchmarks/__init__.py) and of the forward passes per item. Greedy; `sample` evaluates a method's own decoding.
+    lm-eval metrics (its LM_EVAL_REWARD, see benchmarks/__init__.py) and of the forward passes per item. Greedy;
+    `sample` evaluates a method's own decoding.
 
     lm-eval's lower-level `evaluate`, not `simple_evaluate`: that one reseeds the global RNGs (in the middle of a
     training run) and records the environment (`pip list`, git: about a second a call). lm-eval's log is kept to
-    errors and the model's progress bars are off. Under `accelerate launch` every process must call it; the main process gets the
-    scores, the others None.
+    errors and the model's progress bars are off. Under `accelerate launch` every process must call it; the main
+    process gets the scores, the others None.
     """
     was_training = model.training
     lm = DiffusionLM(model, tokenizer=tokenizer, batch_size=batch_size, sample=sample,
