@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import resource
 import shutil
@@ -60,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
@@ -213,6 +214,10 @@ def _origin(cfg: TrainConfig, resolved: dict) -> dict:
 def _launch(cfg: TrainConfig) -> tuple[Accelerator, int, int, int]:
     """(accelerator, rows per process, rows per sampler call, micro-batches per process) of this launch; a launch
     the loop cannot run is refused here, before anything is loaded or written."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("DS_ACCELERATOR") == "cpu":
+        # DeepSpeed on CPU processes (its CPU accelerator; tests): accelerate finds no device backend there and would
+        # count 1 process; the collectives are gloo's, as DeepSpeed's without oneCCL
+        PartialState(backend="gloo")
     accelerator = Accelerator()  # reads the launch (and ACCELERATE_USE_CPU: several CPU processes over gloo)
     world, rows = accelerator.num_processes, cfg.prompts_per_step * cfg.group_size
     if rows % world:
@@ -235,9 +240,11 @@ def _launch(cfg: TrainConfig) -> tuple[Accelerator, int, int, int]:
     if deepspeed and cfg.nonfinite_skips:
         raise ValueError("under DeepSpeed the optimizer step happens inside the backward pass, so --nonfinite_skips "
                          "cannot skip it; launch with config/accelerate/ddp.yaml or set --nonfinite_skips 0")
-    if deepspeed:  # no data loader tells DeepSpeed the micro-batch; the clipping norm is the run's
+    if deepspeed:  # no data loader tells DeepSpeed the batch: all three sizes are set (left to accelerate's "auto",
+        # they disagree and DeepSpeed refuses to start); the clipping norm is the run's
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_clipping=cfg.max_grad_norm)
+            train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=n_micro,
+            train_batch_size=cfg.micro_batch_size * n_micro * world, gradient_clipping=cfg.max_grad_norm)
     return accelerator, local, chunk, n_micro
 
 
@@ -296,8 +303,9 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     policy, optimizer = accelerator.prepare(model, optimizer)  # policy: called in `loss`, gradients synchronised
-    if not hasattr(policy, "config"):  # DDP's wrapper: the methods read the model's config from what they call
-        policy.config = model.config
+    # The methods read the model's config from what they call: DDP's wrapper has none, and DeepSpeed's engine holds
+    # its own JSON there (read again only by DeepSpeed's checkpoint functions, which the harness does not use).
+    policy.config = model.config
     if isinstance(ref, torch.nn.Module):
         ref.to(accelerator.device)
     # Forward passes without gradient (rollouts, `prepare`, evaluation) call `model`, outside the wrapper.
@@ -321,7 +329,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     if main:
         runs.write_json(run / "config.json", resolved)
         if state is None or not (run / "provenance.json").exists():
-            runs.write_json(run / "provenance.json", {**runs.provenance(), "processes": world})
+            runs.write_json(run / "provenance.json", {**runs.provenance(), "processes": world,
+                                                       "distributed": accelerator.distributed_type.value})
         if state is None:
             runs.write_text(run / "metrics.jsonl", "")
     if state is not None:
@@ -385,9 +394,11 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         for it in range(mu):
             mine.iteration = it
             optimizer.zero_grad(set_to_none=True)
-            accelerator.step = 0  # DeepSpeed: the last micro-batch of each inner iteration ends an accumulation
             total_loss, it_metrics, bad = 0.0, [], None
             micro = mine.micro_batches(cfg.micro_batch_size)
+            if deepspeed:  # the last micro-batch of each inner iteration ends an accumulation; set every time, as
+                # every Accelerator() (lm-eval's in the evaluations too) resets accelerate's shared accumulation state
+                accelerator.gradient_accumulation_steps, accelerator.step = len(micro), 0
             for k, mb in enumerate(micro):
                 sync = accelerator.accumulate(policy) if deepspeed else (
                     contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(policy))

@@ -1,5 +1,5 @@
-"""`accelerate launch` with 2 CPU processes (gloo DDP) trains exactly what one process trains with the same
-rollout chunks: groups span the processes (3 prompts x G = 4 split 6 + 6 rows), the rewards and rows are gathered,
+"""`accelerate launch` with 2 CPU processes (gloo DDP, and DeepSpeed ZeRO-2 through DeepSpeed's CPU accelerator
+over gloo) trains exactly what one process trains with the same rollout chunks: groups span the processes (3 prompts x G = 4 split 6 + 6 rows), the rewards and rows are gathered,
 `prepare` sees the whole batch, and the gradients are summed over the processes."""
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from harness import runs
 from tests.test_algorithms import tiny_run, untimed
 
 ROOT = Path(__file__).resolve().parent.parent
-# accelerate's `--cpu` starts ONE process on one machine; `--multi_gpu` with ACCELERATE_USE_CPU=1 starts gloo processes
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-          "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# accelerate's `--cpu` starts ONE process on one machine; `--multi_gpu` with ACCELERATE_USE_CPU=1 starts gloo processes.
+# DeepSpeed runs on CPU with DS_ACCELERATOR=cpu, without ACCELERATE_USE_CPU (with it accelerate drops DeepSpeed):
+# ZeRO-2 partitions the optimizer state and the gradients over the 2 processes, and steps the optimizer itself.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCHERS = {"ddp": ["--multi_gpu"], "zero2": ["--use_deepspeed", "--zero_stage", "2"]}
 # d1 with full fine-tuning; DMPO (weights from a softmax over each group of log-likelihood ratios: groups must be
 # whole in `prepare`) and LFPO (its reference is a second adapter, called inside the DDP loss) with LoRA, without
 # LoRA dropout: its masks come from each process's own random stream, so with it 2 processes differ from 1 by chance.
@@ -41,19 +44,23 @@ def comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(COUNTED)} for r in untimed(rows)]
 
 
-def test_two_processes_train_what_one_process_trains(trained_dir, tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_train_what_one_process_trains(launcher, trained_dir, tmp_path):
     script = tmp_path / "launch.py"  # one launch trains the three runs one after the other
     script.write_text("from harness.cli import main\n" + "".join(
         f"main({['train', '--algo', algo, '--task', 'sudoku', '--model', str(trained_dir), '--lr', '1e-3', '--out', str(tmp_path / 'two' / algo), *flags({**SETTINGS, **extra, 'algo.num_iterations': 2})]!r})\n"
         for algo, extra in RUNS.items()))
-    done = subprocess.run([*LAUNCH, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"})
+    done = subprocess.run([*LAUNCH, *LAUNCHERS[launcher], str(script)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                            **({"DS_ACCELERATOR": "cpu"} if launcher == "zero2" else {"ACCELERATE_USE_CPU": "1"})})
     assert done.returncode == 0, done.stderr[-4000:]
     for algo, extra in RUNS.items():
         one = tiny_run(trained_dir, tmp_path / "one" / algo, algo, **SETTINGS, **extra,
                        algo_cfg=algorithms.get(algo).Config(num_iterations=2))
         two = tmp_path / "two" / algo
-        assert json.loads((two / "provenance.json").read_text())["processes"] == 2
+        provenance = json.loads((two / "provenance.json").read_text())
+        expected = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED"}[launcher]  # accelerate's DistributedType on CPU
+        assert (provenance["processes"], provenance["distributed"]) == (2, expected)
         a, b = runs.read_metrics(one / "metrics.jsonl"), runs.read_metrics(two / "metrics.jsonl")
         assert len(a) == len(b) == 3 and a[1]["reward/std"] > 0, algo  # rewards that vary: a learning signal
         for x, y in zip(comparable(a), comparable(b)):
