@@ -42,7 +42,8 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remot
     holding a LoRA adapter (adapter_config.json: what a LoRA run saves) loads the adapter's base model and the
     adapter, merged into the weights (inference), or as a trainable adapter (`trainable_adapter`: resuming).
     `load_in_4bit`: the base weights in 4-bit NF4 with double quantisation and bf16 compute (QLoRA, as d1's
-    diffu_grpo_train.py and DMPO load LLaDA), through bitsandbytes on a CUDA GPU.
+    diffu_grpo_train.py and DMPO load LLaDA), through bitsandbytes (on a GPU; on a CPU too, where the layers' widths
+    are multiples of 64, for tests).
     """
     name = str(name_or_path)
     if (Path(name).is_absolute() or name.startswith((".", "results"))) and not Path(name).is_dir():
@@ -57,6 +58,12 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remot
     if load_in_4bit:
         options["quantization_config"] = _four_bit()
     model = AutoModel.from_pretrained(base, trust_remote_code=trust_remote_code, **options)
+    for layer in model.modules():
+        # bitsandbytes (0.50 at least) repacks a 4-bit layer's weights for a CPU inference kernel the first
+        # time the layer runs in eval mode, and never back: in later training forwards the base layers then have
+        # no backward, and gradients through them are silently dropped. Keep the trainable layout.
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
     model.config.mask_token_id = mask_token_id(model.config, tokenizer, where=name)
     if adapter.is_file():
         from peft import PeftModel
@@ -71,7 +78,7 @@ def _four_bit():
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise ImportError("load_in_4bit needs bitsandbytes and a CUDA GPU: pip install -e '.[cluster]'") from e
+        raise ImportError("load_in_4bit needs bitsandbytes: pip install -e '.[cluster]'") from e
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

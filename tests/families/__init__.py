@@ -26,10 +26,11 @@ TEMPLATES = {
 }
 
 
-def save_family(family: str, tokenizer, folder: Path, seed: int = 0) -> Path:
+def save_family(family: str, tokenizer, folder: Path, seed: int = 0, **sizes) -> Path:
     """A random tiny `family` ("llada" or "dream") model and its tokenizer (the test tokenizer with the family's chat
     template and special tokens) saved to `folder` with `auto_map`: `AutoModel.from_pretrained(folder,
-    trust_remote_code=True)` then imports the copied modeling files, as for the published checkpoints."""
+    trust_remote_code=True)` then imports the copied modeling files, as for the published checkpoints. `sizes`: config
+    fields that override the tiny defaults (a 4-bit base needs layer widths that are multiples of 64)."""
     from tests.families.configuration_dream import DreamConfig
     from tests.families.configuration_llada import LLaDAConfig
     from tests.families.modeling_dream import DreamModel
@@ -43,10 +44,10 @@ def save_family(family: str, tokenizer, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     if family == "llada":
         config_class, model_class = LLaDAConfig, LLaDAModelLM
-        model = LLaDAModelLM(LLaDAConfig(vocab_size=len(tok), **ids))
+        model = LLaDAModelLM(LLaDAConfig(vocab_size=len(tok), **ids, **sizes))
     else:
         config_class, model_class = DreamConfig, DreamModel
-        model = DreamModel(DreamConfig(vocab_size=len(tok), **ids))
+        model = DreamModel(DreamConfig(vocab_size=len(tok), **ids, **sizes))
     with torch.no_grad():  # random logits far from uniform, as tests/conftest.py's tiny model
         model.get_output_embeddings().weight.mul_(20)
     config_class.register_for_auto_class()

@@ -67,7 +67,7 @@ class DreamBaseModel(nn.Module):
         half = self.config.hidden_size // self.config.num_attention_heads // 2
         inv = 1.0 / self.config.rope_theta ** (torch.arange(half, device=x.device).float() / half)
         angles = position_ids[:, None, :, None].float() * inv
-        cos, sin = angles.cos().repeat(1, 1, 1, 2), angles.sin().repeat(1, 1, 1, 2)
+        cos, sin = angles.cos().repeat(1, 1, 1, 2).to(x.dtype), angles.sin().repeat(1, 1, 1, 2).to(x.dtype)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

@@ -27,7 +27,7 @@ def _rms(x, weight, eps):
 def _rope(x, positions, theta):
     half = x.shape[-1] // 2
     freqs = positions[:, None].float() / theta ** (torch.arange(half, device=x.device).float() / half)
-    cos, sin = freqs.cos().repeat(1, 2), freqs.sin().repeat(1, 2)
+    cos, sin = freqs.cos().repeat(1, 2).to(x.dtype), freqs.sin().repeat(1, 2).to(x.dtype)  # computed in fp32, as LLaDA
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
