@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-import benchmarks
-from harness import runs
-from harness.pretrain import build_tokenizer
-from harness.tiny import TinyMDLM, TinyMDLMConfig
+# Nothing in the tests may reach the Hugging Face Hub, whatever the shell sets: set before transformers, peft or
+# bitsandbytes is imported (bitsandbytes, which peft imports, asks the Hub for a CPU kernel at import), and
+# inherited by the tests' subprocesses.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import benchmarks  # noqa: E402
+from harness import runs  # noqa: E402
+from harness.pretrain import build_tokenizer  # noqa: E402
+from harness.tiny import TinyMDLM, TinyMDLMConfig  # noqa: E402
 
 torch.set_num_threads(1)
 
