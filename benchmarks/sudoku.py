@@ -21,16 +21,22 @@ TRAIN_SIZE, TEST_SIZE, SPLIT_SEED = 20_000, 256, 4321
 
 
 def _grids() -> list[str]:
-    """All 288 valid 4x4 grids as 16-character strings."""
+    """All 288 valid 4x4 grids as 16-character strings, in lexicographic order: rows (permutations of 1234) are
+    stacked one at a time, and a row is kept only if no column and no 2x2 box repeats a digit so far."""
     rows = ["".join(p) for p in itertools.permutations("1234")]
-    boxes = [(r, c) for r in (0, 2) for c in (0, 2)]
-    grids = []
-    for g in itertools.product(rows, repeat=4):
-        cols_ok = all(len({g[r][c] for r in range(4)}) == 4 for c in range(4))
-        boxes_ok = all(len({g[r + i][c + j] for i in (0, 1) for j in (0, 1)}) == 4 for r, c in boxes)
-        if cols_ok and boxes_ok:
-            grids.append("".join(g))
-    return grids
+
+    def extend(grid: tuple[str, ...]) -> list[str]:
+        if len(grid) == 4:
+            return ["".join(grid)]
+        out = []
+        for row in rows:
+            columns_ok = all(row[c] != above[c] for above in grid for c in range(4))
+            box_ok = len(grid) % 2 == 0 or all(len({*grid[-1][c:c + 2], *row[c:c + 2]}) == 4 for c in (0, 2))
+            if columns_ok and box_ok:
+                out += extend((*grid, row))
+        return out
+
+    return extend(())
 
 
 GRIDS = _grids()

@@ -49,7 +49,11 @@ def test_sudoku_reward_is_d1_partial_credit():
 
 
 def test_sudoku_puzzles_have_unique_solutions():
-    assert len(sudoku.GRIDS) == 288
+    # all 288 valid grids, distinct, in lexicographic order (the puzzles are seeded draws from this list)
+    assert len(sudoku.GRIDS) == 288 and sudoku.GRIDS == sorted(set(sudoku.GRIDS))
+    units = [[4 * r + c for c in range(4)] for r in range(4)] + [[4 * r + c for r in range(4)] for c in range(4)]
+    units += [[4 * (r + i) + c + j for i in (0, 1) for j in (0, 1)] for r in (0, 2) for c in (0, 2)]
+    assert all(sorted(g[i] for i in unit) == list("1234") for g in sudoku.GRIDS for unit in units)
     assert all(sudoku._unique(e["puzzle"]) for e in sudoku.load("test"))
     assert not sudoku._unique("0" * 16)
 
