@@ -58,7 +58,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remot
     if load_in_4bit:
         options["quantization_config"] = _four_bit()
     model = AutoModel.from_pretrained(base, trust_remote_code=trust_remote_code, **options)
-    for layer in model.modules():
+    for layer in model.modules() if load_in_4bit else ():
         # bitsandbytes (0.50 at least) repacks a 4-bit layer's weights for a CPU inference kernel the first
         # time the layer runs in eval mode, and never back: in later training forwards the base layers then have
         # no backward, and gradients through them are silently dropped. Keep the trainable layout.

@@ -229,8 +229,6 @@ def _launch(cfg: TrainConfig) -> tuple[Accelerator, int, int, int]:
         raise ValueError(f"--rollout_batch_size={chunk} does not divide the {local} rows of each process")
     n_micro = math.ceil(local / cfg.micro_batch_size)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed:  # DeepSpeed steps the optimizer itself, after as many backward passes as it accumulates
-        accelerator.gradient_accumulation_steps = n_micro
     zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
     if accelerator.distributed_type == DistributedType.FSDP or zero == 3:
         raise ValueError("FSDP and DeepSpeed ZeRO-3 are not supported: they gather the weights collectively in every "
@@ -240,8 +238,10 @@ def _launch(cfg: TrainConfig) -> tuple[Accelerator, int, int, int]:
     if deepspeed and cfg.nonfinite_skips:
         raise ValueError("under DeepSpeed the optimizer step happens inside the backward pass, so --nonfinite_skips "
                          "cannot skip it; launch with config/accelerate/ddp.yaml or set --nonfinite_skips 0")
-    if deepspeed:  # no data loader tells DeepSpeed the batch: all three sizes are set (left to accelerate's "auto",
-        # they disagree and DeepSpeed refuses to start); the clipping norm is the run's
+    if deepspeed:  # DeepSpeed steps the optimizer itself, after as many backward passes as it accumulates. No data
+        # loader tells it the batch: all three sizes are set (left to accelerate's "auto", they disagree and DeepSpeed
+        # refuses to start); the clipping norm is the run's
+        accelerator.gradient_accumulation_steps = n_micro
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=n_micro,
             train_batch_size=cfg.micro_batch_size * n_micro * world, gradient_clipping=cfg.max_grad_norm)
@@ -398,7 +398,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             micro = mine.micro_batches(cfg.micro_batch_size)
             if deepspeed:  # the last micro-batch of each inner iteration ends an accumulation; set every time, as
                 # every Accelerator() (lm-eval's in the evaluations too) resets accelerate's shared accumulation state
-                accelerator.gradient_accumulation_steps, accelerator.step = len(micro), 0
+                accelerator.gradient_accumulation_steps, accelerator.step = n_micro, 0
             for k, mb in enumerate(micro):
                 sync = accelerator.accumulate(policy) if deepspeed else (
                     contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(policy))
