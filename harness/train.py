@@ -27,14 +27,16 @@ as `nonfinite/skipped` in metrics.jsonl) and the run stops at the (N+1)-th in a 
 
 Paper scale (README "Paper scale"): LoRA (`lora_rank` > 0; the reference is then the same model with its adapter
 disabled, or for a method with `after_step` a second adapter: `harness.model.reference`), bf16, gradient
-checkpointing, a 4-bit base, and several processes under `accelerate launch` (DDP, or DeepSpeed ZeRO-2). With W
+checkpointing, a 4-bit base, and several processes under `accelerate launch` (DDP, DeepSpeed ZeRO-2 or -3). With W
 processes each samples and rewards its share of the rows (rows, not prompts: a group may span processes), in
 chunks of `rollout_batch_size` rows with one generator per chunk, so the samples do not depend on W; the rows
 are gathered, and every process runs `prepare` on the whole batch (group statistics, batch totals and the
 method's random draws are those of one process), then `loss` on its own rows; the gradients are summed over
 processes (DDP averages: the loss is scaled by W). A run on W processes thus gives what one process gives with
 the same `rollout_batch_size`, up to float summation order (tested with 2 CPU processes; dropout, e.g. LoRA's,
-draws from each process's own stream); the scoring in `prepare` is repeated on every process.
+draws from each process's own stream); the scoring in `prepare` is repeated on every process. Under ZeRO-3 the
+rollouts and evaluations run with each process holding the whole weights (`whole`): their forward passes differ in
+number between processes, and ZeRO-3's hooks would have every process wait for the others' gathers.
 
 Evaluation is lm-eval in this process (`harness.evaluate.score`: the task's lm-eval task, whose metric is the
 task's reward, on the first `eval_limit` test items), greedy with the shared `eval_sampler` for every method (`eval/reward`, `eval/accuracy`,
@@ -230,11 +232,14 @@ def _launch(cfg: TrainConfig) -> tuple[Accelerator, int, int, int]:
     n_micro = math.ceil(local / cfg.micro_batch_size)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
-    if accelerator.distributed_type == DistributedType.FSDP or zero == 3:
-        raise ValueError("FSDP and DeepSpeed ZeRO-3 are not supported: they gather the weights collectively in every "
-                         "forward pass, and the processes' sampler and lm-eval forward passes differ in number (lm-eval "
-                         "splits the requests unevenly; threshold and EB decoding stop early), so a run would hang. "
-                         "Launch with config/accelerate/ddp.yaml or zero2.yaml")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("FSDP is not supported: it gathers the weights collectively in every forward pass, and the "
+                         "processes' sampler forward passes differ in number (threshold and EB decoding stop early), "
+                         "so a run would hang. Launch with config/accelerate/zero3.yaml (which gathers the whole "
+                         "weights for those passes), ddp.yaml or zero2.yaml")
+    if zero == 3 and cfg.load_in_4bit:
+        raise ValueError("ZeRO-3 does not partition a 4-bit base here (bitsandbytes' packed weights); a 4-bit base is "
+                         "small (LLaDA-8B: about 5 GB), so launch --load_in_4bit with config/accelerate/zero2.yaml")
     if deepspeed and cfg.nonfinite_skips:
         raise ValueError("under DeepSpeed the optimizer step happens inside the backward pass, so --nonfinite_skips "
                          "cannot skip it; launch with config/accelerate/ddp.yaml or set --nonfinite_skips 0")
@@ -253,6 +258,32 @@ def _chunk_seed(seed: int, step: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1)[0])
 
 
+@contextlib.contextmanager
+def whole(engines: list):
+    """ZeRO-3 (`engines`: the DeepSpeed engines of the run): a forward pass through DeepSpeed's hooks gathers each
+    layer collectively, and its start-of-forward hook compares module traces across processes, so every process must
+    run as many as the others; the sampler's do not (threshold, EB and DiFFPO's decoding stop when their rows are
+    done). For those passes each process holds the whole weights, all of DeepSpeed's hooks removed (TRL generates so;
+    DeepSpeed's own `unwrap_model_for_generation` leaves the start-of-forward hook). No engines: nothing to do."""
+    if not engines:
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime.zero import parameter_offload
+
+    offloads = [getattr(e.optimizer, "parameter_offload", e.optimizer) for e in engines]  # no optimizer: the offload
+    with deepspeed.zero.GatheredParameters([p for e in engines for p in e.module.parameters()]):
+        for offload in offloads:
+            offload._remove_module_hooks()
+            offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            for offload in offloads:
+                offload.setup_zero_stage3_hooks()  # DeepSpeed's own setup, which also pushes the module on its
+                parameter_offload.FWD_MODULE_STACK.pop()  # stack of forward modules again: it is there already
+
+
 def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     """Run (or resume) one training run and return its folder."""
     algo, task = algorithms.get(cfg.algo), benchmarks.get(cfg.task)
@@ -266,6 +297,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     accelerator, local, chunk, n_micro = _launch(cfg)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
+    zero3 = zero == 3
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run, ckpt = cfg.run_dir(), cfg.run_dir() / "checkpoint"
@@ -287,9 +320,9 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
                     shutil.rmtree(ckpt)
                 state = None
         accelerator.wait_for_everyone()
-    if state is not None and deepspeed and world > 1:
-        raise ValueError(f"{ckpt} cannot be resumed under DeepSpeed with {world} processes (ZeRO partitions the "
-                         f"optimizer state and the checkpoint holds one process's); resume with "
+    if state is not None and deepspeed and (world > 1 or zero3):
+        raise ValueError(f"{ckpt} cannot be resumed under DeepSpeed ZeRO-{zero} with {world} process(es) (ZeRO "
+                         f"partitions the optimizer state and the checkpoint holds one process's); resume with "
                          f"config/accelerate/ddp.yaml or delete the checkpoint")
 
     torch.manual_seed(cfg.seed)
@@ -299,15 +332,37 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    ref = reference(model, updated=hasattr(algo, "after_step"))  # on resume its saved state is loaded below
+    copied = not (zero3 and not hasattr(model, "peft_config"))  # ZeRO-3 full fine-tuning: see below
+    if copied:
+        ref = reference(model, updated=hasattr(algo, "after_step"))  # on resume its saved state is loaded below
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     policy, optimizer = accelerator.prepare(model, optimizer)  # policy: called in `loss`, gradients synchronised
     # The methods read the model's config from what they call: DDP's wrapper has none, and DeepSpeed's engine holds
     # its own JSON there (read again only by DeepSpeed's checkpoint functions, which the harness does not use).
     policy.config = model.config
+    engines = [policy] if zero3 else []  # what ZeRO-3 partitions: gathered whole in `whole` and `gathered` below
+    if not copied:  # ZeRO-3 loads weights partitioned (zero.Init), which a copy would not hold: the frozen reference
+        # is loaded again and partitioned by an engine of its own without optimizer, as TRL partitions its reference
+        import deepspeed
+
+        ds_config = {k: v for k, v in accelerator.state.deepspeed_plugin.deepspeed_config.items()
+                     if k not in ("optimizer", "scheduler")}  # the launch's, "auto" values resolved by `prepare`
+        ref_engine = deepspeed.initialize(model=load(cfg.model, dtype=DTYPES[cfg.dtype])[0], config=ds_config)[0]
+        ref = ref_engine.module.requires_grad_(False).eval()
+        engines.append(ref_engine)
     if isinstance(ref, torch.nn.Module):
         ref.to(accelerator.device)
+
+    def gathered(*modules, modifier: bool = False):
+        """ZeRO-3: the whole parameters of `modules` on every process (to save them, or to read and update them in
+        `after_step`); `modifier`: what the main process leaves in them is partitioned again. Otherwise nothing."""
+        if not zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = [p for m in modules for p in m.parameters()]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modifier else None)
     # Forward passes without gradient (rollouts, `prepare`, evaluation) call `model`, outside the wrapper.
     counter = ForwardCounter(model, *([ref] if isinstance(ref, torch.nn.Module) else []))
     # `after_step` sees the trainable weights as the reference holds them: the model, or under LoRA the adapter.
@@ -330,7 +385,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         runs.write_json(run / "config.json", resolved)
         if state is None or not (run / "provenance.json").exists():
             runs.write_json(run / "provenance.json", {**runs.provenance(), "processes": world,
-                                                       "distributed": accelerator.distributed_type.value})
+                                                       "distributed": accelerator.distributed_type.value,
+                                                       **({"zero_stage": zero} if deepspeed else {})})
         if state is None:
             runs.write_text(run / "metrics.jsonl", "")
     if state is not None:
@@ -347,12 +403,13 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
     def evaluate_now(frontier: bool = False) -> dict:
         """Every process takes part (lm-eval shares the items out); the main process gets the scores."""
         counter.phase = "eval"
-        scores = {"eval": score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg)}
-        if sample:  # the method's own decoding, next to the shared (comparable) evaluation
-            scores["eval_own"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample)
-        for gamma in cfg.eval_eb_gammas if frontier else ():
-            eb = dataclasses.replace(eval_cfg, decoding="eb", eb_gamma=float(gamma))
-            scores[f"eval_eb{float(gamma)}"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eb)
+        with whole(engines):
+            scores = {"eval": score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg)}
+            if sample:  # the method's own decoding, next to the shared (comparable) evaluation
+                scores["eval_own"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample)
+            for gamma in cfg.eval_eb_gammas if frontier else ():
+                eb = dataclasses.replace(eval_cfg, decoding="eb", eb_gamma=float(gamma))
+                scores[f"eval_eb{float(gamma)}"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eb)
         return {f"{prefix}/{k}": v for prefix, values in scores.items() for k, v in (values or {}).items()}
 
     def total(value: float) -> float:
@@ -371,14 +428,17 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         picks = [train_set[order[(first + j) % len(order)]] for j in range(cfg.prompts_per_step)]
         counter.phase = "rollout"
         model.eval()
-        if world == 1 and not cfg.rollout_batch_size:
-            batch, _ = rollout(model, tokenizer, task, picks, sampler_cfg, cfg.group_size, generators["rollout"], sample)
-        else:  # this process's chunks of rows, each from its own generator; then every process's rows
-            chunks = range(rank * local // chunk, (rank + 1) * local // chunk)
-            batch = Batch.cat([rollout(model, tokenizer, task, picks, sampler_cfg, cfg.group_size,
-                                       torch.Generator(accelerator.device).manual_seed(_chunk_seed(cfg.seed, step, c)),
-                                       sample, rows=slice(c * chunk, (c + 1) * chunk))[0] for c in chunks])
-            batch = batch.gather(accelerator)
+        with whole(engines):
+            if world == 1 and not cfg.rollout_batch_size:
+                batch, _ = rollout(model, tokenizer, task, picks, sampler_cfg, cfg.group_size, generators["rollout"],
+                                   sample)
+            else:  # this process's chunks of rows, each from its own generator; then every process's rows
+                chunks = range(rank * local // chunk, (rank + 1) * local // chunk)
+                batch = Batch.cat([rollout(model, tokenizer, task, picks, sampler_cfg, cfg.group_size,
+                                           torch.Generator(accelerator.device).manual_seed(
+                                               _chunk_seed(cfg.seed, step, c)),
+                                           sample, rows=slice(c * chunk, (c + 1) * chunk))[0] for c in chunks])
+                batch = batch.gather(accelerator)
         batch.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generators["batch_seed"]))
         t1 = time.perf_counter()
         # ALGORITHM: frozen quantities of this rollout batch (advantages, old/ref likelihoods, seeds), on all of it.
@@ -435,7 +495,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             method_metrics += it_metrics
         # ALGORITHM: optional update of the reference/rollout model (e.g. LFPO's EMA).
         if hasattr(algo, "after_step"):
-            algo.after_step(trained, ref, step, algo_cfg)
+            with gathered(trained), gathered(ref, modifier=True):
+                algo.after_step(trained, ref, step, algo_cfg)
         t3 = time.perf_counter()
 
         means = {k: float(np.mean([m[k] for m in method_metrics])) for k in (method_metrics or [{}])[0]}
@@ -461,14 +522,17 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             runs.append_metrics(run / "metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}" if losses else "skipped",
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
-        if main and cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps):
-            runs.save_model(model, tokenizer, run / "snapshots" / f"step{step}")
-        if main and (step % cfg.save_every == 0 or step == cfg.steps):
-            runs.save_checkpoint(ckpt, model, tokenizer, {
-                "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
-                "rng": _rng_state(generators), "origin": origin, "nonfinite_run": nonfinite_run,
-                "metrics": runs.read_metrics(run / "metrics.jsonl")}, keep=run / "snapshots")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        snapshot = cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps)
+        save = step % cfg.save_every == 0 or step == cfg.steps
+        with gathered(model, *([ref] if not copied else [])) if snapshot or save else contextlib.nullcontext():
+            if main and snapshot:
+                runs.save_model(model, tokenizer, run / "snapshots" / f"step{step}")
+            if main and save:
+                runs.save_checkpoint(ckpt, model, tokenizer, {
+                    "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
+                    "rng": _rng_state(generators), "origin": origin, "nonfinite_run": nonfinite_run,
+                    "metrics": runs.read_metrics(run / "metrics.jsonl")}, keep=run / "snapshots")
+        if save:
             saved = step
     accelerator.wait_for_everyone()
     return run

@@ -87,12 +87,12 @@ def test_every_paper_setting_says_where_it_comes_from():
     assert uncited == ["  lora_alpha: 64", "  lora_dropout: 0.05"], uncited
 
 
-@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("zero2", "DEEPSPEED")])
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
 def test_accelerate_configs_parse(name, kind):
     config = load_config_from_file(str(ROOT / f"config/accelerate/{name}.yaml"))
     assert config.distributed_type == kind and config.mixed_precision == "bf16" and config.num_machines == 1
     if kind == "DEEPSPEED":
-        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
 
 def test_launched_workflow_jobs_run_on_two_cpu_processes(tmp_path, monkeypatch):
