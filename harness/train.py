@@ -363,6 +363,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
 
         params = [p for m in modules for p in m.parameters()]
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modifier else None)
+
     # Forward passes without gradient (rollouts, `prepare`, evaluation) call `model`, outside the wrapper.
     counter = ForwardCounter(model, *([ref] if isinstance(ref, torch.nn.Module) else []))
     # `after_step` sees the trainable weights as the reference holds them: the model, or under LoRA the adapter.
