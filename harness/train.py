@@ -525,7 +525,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
                         **({"test": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
         snapshot = cfg.snapshot_every and (step % cfg.snapshot_every == 0 or step == cfg.steps)
         save = step % cfg.save_every == 0 or step == cfg.steps
-        with gathered(model, *([ref] if not copied else [])) if snapshot or save else contextlib.nullcontext():
+        with gathered(*(e.module for e in engines)) if snapshot or save else contextlib.nullcontext():
             if main and snapshot:
                 runs.save_model(model, tokenizer, run / "snapshots" / f"step{step}")
             if main and save:
