@@ -4,7 +4,9 @@ Prompt: the 16-cell puzzle row by row, `0` for a blank; the completion is the 16
 Reward (d1, `reward_func.py`, sudoku): keep only the digits of the completion, right-pad with `0` or truncate
 to 16, and score the fraction of the puzzle's blank cells whose digit equals the solution's. Puzzles are
 drawn from all 288 valid grids with 8 to 12 blanks and kept only if their solution is unique, so the
-reference solution is the only correct one.
+reference solution is the only correct one. The splits are drawn once from fixed seeds: 256 test puzzles, then
+20,000 train puzzles, then 3,840 more test puzzles that train does not hold (4,096 test puzzles in all; a change of
+a point in mean reward is within the paired 95% CI on 256).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 GEN_LENGTH, BLOCK_LENGTH, STEPS = 16, 16, 16
 MIN_BLANKS, MAX_BLANKS = 8, 12
-TRAIN_SIZE, TEST_SIZE, SPLIT_SEED = 20_000, 256, 4321
+FIRST_TEST, TRAIN_SIZE, TEST_SIZE, SPLIT_SEED = 256, 20_000, 4_096, 4321
 
 
 def _grids() -> list[str]:
@@ -64,11 +66,12 @@ def _puzzles(seed: int, n: int, exclude: set = frozenset()) -> list[dict]:
 
 @functools.cache
 def load(split: str) -> list[dict]:
-    test = _puzzles(SPLIT_SEED, TEST_SIZE)
-    if split == "test":
-        return test
+    first = _puzzles(SPLIT_SEED, FIRST_TEST)
+    train = _puzzles(SPLIT_SEED + 1, TRAIN_SIZE, exclude={e["puzzle"] for e in first})
     if split == "train":
-        return _puzzles(SPLIT_SEED + 1, TRAIN_SIZE, exclude={e["puzzle"] for e in test})
+        return train
+    if split == "test":
+        return first + _puzzles(SPLIT_SEED + 2, TEST_SIZE - FIRST_TEST, exclude={e["puzzle"] for e in first + train})
     raise ValueError(f"unknown split {split!r} for sudoku; use 'train' or 'test'")
 
 

@@ -8,7 +8,7 @@ import benchmarks
 from benchmarks import arithmetic, sudoku
 
 
-TEST_SIZES = {"arithmetic": 256, "sudoku": 256, "gsm8k": 1319, "humaneval": 164, "hellaswag": 10042}
+TEST_SIZES = {"arithmetic": 5000, "sudoku": 4096, "gsm8k": 1319, "humaneval": 164, "hellaswag": 10042}
 
 
 @pytest.mark.parametrize("name", sorted(benchmarks.TASKS))
