@@ -283,11 +283,12 @@ class EvalConfig:
 
 
 def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sample=None,
-          batch_size: int = 64) -> dict[str, float] | None:
+          batch_size: int = 64) -> dict | None:
     """lm-eval, in this process, of a loaded model on a generated-answer task of benchmarks/ (the training loop's
-    test evaluation): {"reward", "accuracy", "nfe"}, the means over the first `limit` test items of the task's
-    lm-eval metrics (its LM_EVAL_REWARD, see benchmarks/__init__.py) and of the forward passes per item. Greedy;
-    `sample` evaluates a method's own decoding.
+    test evaluation): {"reward", "accuracy", "nfe", "items"}, the means over the first `limit` test items of the
+    task's lm-eval metrics (its LM_EVAL_REWARD, see benchmarks/__init__.py) and of the forward passes per item,
+    and the reward of each item in test-split order (a paired comparison of two models). Greedy; `sample`
+    evaluates a method's own decoding.
 
     lm-eval's lower-level `evaluate`, not `simple_evaluate`: that one reseeds the global RNGs (in the middle of a
     training run) and records the environment (`pip list`, git: about a second a call). lm-eval's log is kept to
@@ -302,17 +303,18 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
     lm_logger.setLevel(logging.ERROR)
     try:
         result = lm_eval.evaluator.evaluate(lm=lm, task_dict=_manager().load([task]), limit=limit, bootstrap_iters=0,
-                                            log_samples=False, apply_chat_template=True)
+                                            log_samples=True, apply_chat_template=True)
     finally:
         lm_logger.setLevel(level)
         model.train(was_training)
     nfe = [v for part in lm.gather_object(lm.nfe) or [] for v in part.values()]
     if result is None:
         return None
-    scores = result["results"][task]
-    reward = scores[getattr(benchmarks.get(task), "LM_EVAL_REWARD", "reward,none")]
+    scores, key = result["results"][task], getattr(benchmarks.get(task), "LM_EVAL_REWARD", "reward,none")
+    reward, (metric, _, kept) = scores[key], key.partition(",")
     accuracy = scores.get("accuracy,none", reward)  # without an accuracy metric the reward is 0/1 (gsm8k)
-    return {"reward": reward, "accuracy": accuracy, "nfe": sum(nfe) / len(nfe)}
+    items = sorted((s["doc_id"], float(s[metric])) for s in result["samples"][task] if s["filter"] == kept)
+    return {"reward": reward, "accuracy": accuracy, "nfe": sum(nfe) / len(nfe), "items": [r for _, r in items]}
 
 
 @functools.cache

@@ -18,8 +18,9 @@ A run resumes from its last complete checkpoint when started again with the same
 may grow), however it was stopped (SIGKILL in a step or in a checkpoint write; config.json and metrics.jsonl
 deleted), and ends bit-identical on CPU to a run that was never stopped: the checkpoint holds the weights, the
 optimizer, the reference, the RNG states (torch, numpy, python, the rollout and batch-seed generators), the
-resolved config, the metrics rows and the snapshots so far. A checkpoint of another configuration or initial model is an error,
-or with `restart_if_changed` discarded. Resuming assumes the code did not change in between.
+resolved config, the metrics and test-item rows and the snapshots so far. A checkpoint of another configuration
+or initial model is an error, or with `restart_if_changed` discarded. Resuming assumes the code did not change in
+between.
 
 A NaN/Inf loss or gradient norm stops the run with an error naming the step, the inner iteration and the last
 good checkpoint; with `nonfinite_skips` N > 0 such an optimizer step is skipped instead (no update; counted
@@ -44,7 +45,8 @@ task's reward, on the first `eval_limit` test items), greedy with the shared `ev
 with its own decoding, logged next to them as `eval_own/reward`, `eval_own/accuracy`, `eval_own/nfe`
 (DiFFPO: its learned EB threshold, accuracy vs NFE; AGRPO: random-order unmasking; LFPO: the EMA rollout
 policy). With `eval_eb_gammas`, the initial and the final model are also evaluated with entropy-bounded decoding at
-each gamma (`eval_eb<gamma>/*`), the inference frontier.
+each gamma (`eval_eb<gamma>/*`), the inference frontier. The shared evaluation's reward per test item goes to
+`test_items.jsonl` (one row per evaluation), for the paired comparison of the final model with the base.
 """
 
 from __future__ import annotations
@@ -390,6 +392,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
                                                        **({"zero_stage": zero} if deepspeed else {})})
         if state is None:
             runs.write_text(run / "metrics.jsonl", "")
+            runs.write_text(run / "test_items.jsonl", "")
     if state is not None:
         start = saved = state["step"]
         nonfinite_run = state["nonfinite_run"]
@@ -397,12 +400,14 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         ref.load_state_dict(state["ref"])
         _set_rng_state(state["rng"], generators)
         if main:
-            runs.write_text(run / "metrics.jsonl", "".join(runs.dumps(r) + "\n" for r in state["metrics"]))
+            for name in ("metrics", "test_items"):
+                runs.write_text(run / f"{name}.jsonl", "".join(runs.dumps(r) + "\n" for r in state[name]))
             runs.link_missing(ckpt / "snapshots", run / "snapshots")
             tqdm.write(f"resuming {run} from its checkpoint of step {start}")
 
-    def evaluate_now(frontier: bool = False) -> dict:
-        """Every process takes part (lm-eval shares the items out); the main process gets the scores."""
+    def evaluate_now(step: int, frontier: bool = False) -> dict:
+        """Every process takes part (lm-eval shares the items out); the main process gets the scores and appends
+        the shared evaluation's reward per test item to test_items.jsonl."""
         counter.phase = "eval"
         with whole(engines):
             scores = {"eval": score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg)}
@@ -411,13 +416,16 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
             for gamma in cfg.eval_eb_gammas if frontier else ():
                 eb = dataclasses.replace(eval_cfg, decoding="eb", eb_gamma=float(gamma))
                 scores[f"eval_eb{float(gamma)}"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eb)
-        return {f"{prefix}/{k}": v for prefix, values in scores.items() for k, v in (values or {}).items()}
+        if main:
+            runs.append_metrics(run / "test_items.jsonl", {"step": step, "reward": scores["eval"]["items"]})
+        return {f"{prefix}/{k}": v for prefix, values in scores.items() for k, v in (values or {}).items()
+                if k != "items"}
 
     def total(value: float) -> float:
         return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()
 
     if start == 0:
-        row = evaluate_now(frontier=True)
+        row = evaluate_now(0, frontier=True)
         if main:
             runs.append_metrics(run / "metrics.jsonl", {"step": 0, **row})
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.task}/seed{cfg.seed}", unit="step",
@@ -518,7 +526,7 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         if world > 1:  # forward passes and sequences of all processes
             row.update({k: int(total(v)) for k, v in row.items() if k.startswith(("forward/", "sequences/"))})
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            row.update(evaluate_now(frontier=step == cfg.steps))
+            row.update(evaluate_now(step, frontier=step == cfg.steps))
         if main:
             runs.append_metrics(run / "metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}" if losses else "skipped",
@@ -532,7 +540,8 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
                 runs.save_checkpoint(ckpt, model, tokenizer, {
                     "step": step, "optimizer": optimizer.state_dict(), "ref": ref.state_dict(),
                     "rng": _rng_state(generators), "origin": origin, "nonfinite_run": nonfinite_run,
-                    "metrics": runs.read_metrics(run / "metrics.jsonl")}, keep=run / "snapshots")
+                    "metrics": runs.read_metrics(run / "metrics.jsonl"),
+                    "test_items": runs.read_metrics(run / "test_items.jsonl")}, keep=run / "snapshots")
         if save:
             saved = step
     accelerator.wait_for_everyone()

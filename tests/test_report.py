@@ -69,10 +69,21 @@ def synthetic_summary(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, 
     return pd.DataFrame(rows)
 
 
+def synthetic_items(methods=METHODS, tasks=("arithmetic", "sudoku"), seeds=3, steps=8, n=40) -> pd.DataFrame:
+    """Per-item rewards of each run's first and last evaluation: the final model of method i gets item j right
+    where the base does, and also the items j < 2 i that the base gets wrong (the base: every odd item)."""
+    rows = [{"profile": "test", "task": task, "algo": algo, "seed": seed, "step": step, "item": j,
+             "reward": float(j % 2 or (step > 0 and j < 2 * i))}
+            for task in tasks for i, algo in enumerate(methods) for seed in range(seeds) for step in (0, steps)
+            for j in range(n)]
+    return pd.DataFrame(rows)
+
+
 @pytest.fixture(scope="module")
 def summary_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("results") / "summary.csv"
     synthetic_summary().to_csv(path, index=False)
+    synthetic_items().to_csv(path.with_name("items.csv"), index=False)
     return path
 
 
@@ -84,7 +95,8 @@ def test_mean_ci_is_a_bootstrap_interval_around_the_mean():
 
 
 def test_results_table_has_base_row_methods_in_config_order_and_cis(summary_csv):
-    table = tables.results_table(stats.load(summary_csv), "reward", METHODS, NAMES)
+    items = stats.load(summary_csv.with_name("items.csv"))
+    table = tables.results_table(stats.load(summary_csv), "reward", METHODS, NAMES, items)
     assert list(table.method) == ["base", "d1 (diffu-GRPO)", "agrpo", "espo", "dmpo", "DiFFPO",
                                   "DiFFPO, own decoding", "lfpo"]
     assert table.loc[0, "arithmetic reward %"] == "30.0"  # every run's step 0 agrees: no interval
@@ -92,6 +104,18 @@ def test_results_table_has_base_row_methods_in_config_order_and_cis(summary_csv)
     mean, low, high = (float(x) for x in lfpo.replace("[", "").replace(",", "").replace("]", "").split())
     assert low < mean < high and mean == pytest.approx(40.0, abs=2.0)  # 0.3 + 0.02 * 5, seeded noise
     assert table.set_index("method").loc["DiFFPO, own decoding", "sudoku NFE"] == "8.0"
+    gain = table.set_index("method")["sudoku reward gain, paired"]
+    assert gain["base"] == gain["DiFFPO, own decoding"] == "–" and gain["d1 (diffu-GRPO)"] == "0.0"
+    mean, low, high = (float(x) for x in gain["lfpo"].replace("[", "").replace(",", "").replace("]", "").split())
+    assert mean == 12.5 and 0 < low < mean < high < 30  # 5 of 40 items gained: a CI over items, all above 0
+
+
+def test_paired_gain_is_per_item_final_minus_first_averaged_over_seeds():
+    rows = [(seed, step, item, reward) for seed, step, rewards in (
+        (0, 0, [0, 1, 0]), (0, 8, [1, 1, 0]), (1, 0, [0, 1, 0]), (1, 4, [0, 1, 1]), (1, 8, [0, 0, 1]))
+        for item, reward in enumerate(rewards)]
+    items = pd.DataFrame(rows, columns=["seed", "step", "item", "reward"])
+    assert tables.gains(items).tolist() == [0.5, -0.5, 0.5]  # step 4 is neither the first nor the last
 
 
 def test_compute_table_sums_forward_passes_and_time_per_run(summary_csv):
@@ -108,7 +132,8 @@ def test_compute_table_sums_forward_passes_and_time_per_run(summary_csv):
 def test_tables_are_written_as_markdown_and_latex(summary_csv, tmp_path):
     outputs = [str(tmp_path / f"{stem}.{ext}") for stem in ("results", "compute", "lm_eval", "reference")
                for ext in ("md", "tex")]
-    tables.main(summary_csv, ROOT / "paper" / "reported.csv", outputs, "reward", METHODS, NAMES)
+    tables.main(summary_csv, summary_csv.with_name("items.csv"), ROOT / "paper" / "reported.csv", outputs, "reward",
+                METHODS, NAMES)
     assert "| base " in (tmp_path / "results.md").read_text()
     assert "\\toprule" in (tmp_path / "results.tex").read_text()
     assert "| gsm8k/exact_match/flexible-extract " in (tmp_path / "lm_eval.md").read_text()
@@ -178,6 +203,11 @@ def test_aggregate_reads_only_run_folders(tmp_path):
         ("d1", 2, "lm_eval/arithmetic/seconds"): 2.0, ("d1", 2, "lm_eval/gsm8k/seconds"): 3.0,
     }
     assert set(rows.profile) == {"p"} and set(rows.task) == {"arithmetic"} and set(rows[rows.algo == "d1"].seed) == {1}
+    (run / "test_items.jsonl").write_text("".join(json.dumps({"step": step, "reward": [step / 2, 0.5]}) + "\n"
+                                                  for step in (0, 1, 2)))
+    items = aggregate.item_rows([str(f) for f in files + [run / "test_items.jsonl"]])
+    assert [(r["algo"], r["seed"], r["step"], r["item"], r["reward"]) for r in items] == [
+        ("d1", 1, 0, 0, 0.0), ("d1", 1, 0, 1, 0.5), ("d1", 1, 2, 0, 1.0), ("d1", 1, 2, 1, 0.5)]  # first and last
     with pytest.raises(ValueError, match="not inside a run folder"):
         aggregate.aggregate([str(tmp_path / "elsewhere/metrics.jsonl")], ["arithmetic"])
 

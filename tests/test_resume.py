@@ -87,7 +87,7 @@ def started(run: Path, since: float) -> bool:
 
 def outcome(run: Path) -> tuple[list[dict], str]:
     weights = hashlib.sha256((run / "checkpoint/model/model.safetensors").read_bytes()).hexdigest()
-    return untimed(runs.read_metrics(run / "metrics.jsonl")), weights
+    return untimed(runs.read_metrics(run / "metrics.jsonl")), runs.read_metrics(run / "test_items.jsonl"), weights
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +111,15 @@ def test_killed_in_checkpoint_writes_steps_and_metrics_writes_resumes_bit_identi
         if point == "swap:1":
             assert not (run / "checkpoint").exists() and (run / ".checkpoint.old/state.pt").exists()
             # Snakemake deletes a failed job's outputs before rerunning it
-            (run / "metrics.jsonl").unlink()
-            (run / "config.json").unlink()
+            for name in ("metrics.jsonl", "test_items.jsonl", "config.json"):
+                (run / name).unlink()
     assert list(run.glob(".metrics.jsonl.*")), "the metrics:2 kill should leave a temporary behind"
     proc = launch("-", trained_dir, run)
     assert proc.wait(300) == 0, proc.stderr.read()[-3000:]
     proc.stderr.close()
     assert outcome(run) == reference[0]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl", "provenance.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl", "provenance.json",
+                                                     "test_items.jsonl"]
 
 
 def test_killed_at_random_times_resumes_bit_identically(trained_dir, tmp_path, reference):
@@ -154,8 +155,8 @@ def test_a_checkpoint_of_another_base_is_an_error_or_with_restart_if_changed_dis
 
 def test_an_interrupted_workflow_job_resumes_bit_identically(trained_dir, tmp_path):
     """Snakemake SIGKILLed with its train job after the checkpoint of step 2; `snakemake --unlock` and
-    `--rerun-incomplete` delete the job's outputs (metrics.jsonl, config.json, snapshots/) and rerun it: the
-    harness resumes and restores them, and the run ends as one that was never stopped."""
+    `--rerun-incomplete` delete the job's outputs (metrics.jsonl, test_items.jsonl, config.json, snapshots/) and
+    rerun it: the harness resumes and restores them, and the run ends as one that was never stopped."""
     from tests.test_workflow import snakemake
 
     work, config = tmp_path / "work", yaml.safe_load((ROOT / "config/smoke.yaml").read_text())

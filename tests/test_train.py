@@ -27,6 +27,9 @@ def test_cli_train_runs_end_to_end(model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = runs.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2] and all("eval/reward" in r for r in rows)
+    items = runs.read_metrics(out / "test_items.jsonl")  # each evaluation's reward per test item, in order
+    assert [r["step"] for r in items] == [0, 1, 2] and all(len(r["reward"]) == 4 for r in items)
+    assert [sum(r["reward"]) / 4 for r in items] == pytest.approx([r["eval/reward"] for r in rows], abs=1e-12)
     config = json.loads((out / "config.json").read_text())
     assert config["algo"]["num_iterations"] == 2 and config["sampler"]["temperature"] == 0.5
     assert config["sampler"]["gen_length"] == 16  # resolved from the task

@@ -106,7 +106,7 @@ def run_eval_files(run, seed):
 def summary_inputs():
     files = [] if MODEL else [f"{BASE}/pretrain.json", f"{BASE}/timing.tsv"]
     for run, seed in run_dirs():
-        files += [f"{run}/metrics.jsonl", f"{run}/timing.tsv", *run_eval_files(run, seed)]
+        files += [f"{run}/metrics.jsonl", f"{run}/test_items.jsonl", f"{run}/timing.tsv", *run_eval_files(run, seed)]
     return files + base_eval_files()
 
 

@@ -5,7 +5,8 @@ rule aggregate:
     input:
         summary_inputs(),
     output:
-        report("results/summary.csv", caption="../report/summary.rst", category="Results"),
+        summary=report("results/summary.csv", caption="../report/summary.rst", category="Results"),
+        test_items="results/items.csv",
     log:
         "results/logs/aggregate.log",
     benchmark:
@@ -22,6 +23,7 @@ rule aggregate:
 rule tables:
     input:
         summary="results/summary.csv",
+        test_items="results/items.csv",
         reported="paper/reported.csv",
     output:
         report(

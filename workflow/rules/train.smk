@@ -6,6 +6,7 @@ rule train:
         [] if MODEL else f"{BASE}/pretrain.json",
     output:
         metrics=f"{RUN}/metrics.jsonl",
+        test_items=f"{RUN}/test_items.jsonl",
         config=f"{RUN}/config.json",
         final_model=[directory(f"{RUN}/snapshots/step{STEPS}")] if FINAL_MODEL else [],
     log:
@@ -22,7 +23,7 @@ rule train:
         **job_resources("train", mem_mb=2000),  # measured peak RSS up to 1.7 GB (AGRPO on sudoku)
     # A job resumes from the run's checkpoint (git-ignored, not an output) when its config and base are those
     # of the checkpoint, e.g. after a crash (`snakemake --rerun-incomplete`): the harness restores the outputs
-    # Snakemake deleted (metrics.jsonl and snapshots up to the checkpoint) and ends bit-identical to an
+    # Snakemake deleted (metrics.jsonl, test_items.jsonl and snapshots up to the checkpoint) and ends bit-identical to an
     # uninterrupted run. When the params or the base changed, the old checkpoint is discarded.
     shell:
         "OMP_NUM_THREADS={threads} {params.harness} train --algo {wildcards.algo} "

@@ -12,6 +12,10 @@ Reads only files inside run folders (the path scheme is in workflow/Snakefile):
 
 Base rows have algo `base`, seed 0 and step 0, and are written once per training task (the base is the
 step-0 model of every run of that task).
+
+Each run's runs/.../test_items.jsonl (the shared evaluation's reward per test item) -> results/items.csv:
+profile, task, algo, seed, step, item, reward, for the run's first and last evaluation (the base and the final
+model, compared item by item in the results table).
 """
 
 
@@ -22,6 +26,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = ["profile", "task", "algo", "seed", "step", "metric", "value"]
+ITEM_COLUMNS = ["profile", "task", "algo", "seed", "step", "item", "reward"]
 RUN = re.compile(r"runs/(?P<profile>[^/]+)/(?P<task>[^/]+)/(?P<algo>[^/]+)/seed(?P<seed>\d+)/")
 BASE = re.compile(r"base/(?P<profile>[^/]+)/")
 EVAL = re.compile(r"step(?P<step>\d+)\.json$")
@@ -127,11 +132,22 @@ def aggregate(paths: list[str], tasks: list[str]) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], path: str) -> None:
+def item_rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for p in map(Path, paths):
+        if p.name == "test_items.jsonl" and (match := RUN.search(p.as_posix())):
+            evals = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            key = {**match.groupdict(), "seed": int(match["seed"])}
+            for e in {e["step"]: e for e in evals[:1] + evals[-1:]}.values():
+                rows += [{**key, "step": e["step"], "item": i, "reward": r} for i, r in enumerate(e["reward"])]
+    return rows
+
+
+def write(rows: list[dict], path: str, columns: list[str] = COLUMNS) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
@@ -140,5 +156,8 @@ def write(rows: list[dict], path: str) -> None:
 if __name__ == "__main__" and "snakemake" in globals():
     sys.stderr = open(snakemake.log[0], "w")
     rows = aggregate(list(snakemake.input), list(snakemake.params.tasks))
-    write(rows, snakemake.output[0])
-    print(f"{len(rows)} rows from {len(snakemake.input)} files -> {snakemake.output[0]}", file=sys.stderr)
+    write(rows, snakemake.output.summary)
+    print(f"{len(rows)} rows from {len(snakemake.input)} files -> {snakemake.output.summary}", file=sys.stderr)
+    items = item_rows(list(snakemake.input))
+    write(items, snakemake.output.test_items, ITEM_COLUMNS)
+    print(f"{len(items)} item rows -> {snakemake.output.test_items}", file=sys.stderr)

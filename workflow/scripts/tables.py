@@ -1,9 +1,11 @@
-"""results/summary.csv (+ paper/reported.csv) -> paper/tables/{results,compute,reference[,lm_eval]}.{md,tex}.
+"""results/{summary,items}.csv, paper/reported.csv -> paper/tables/{results,compute,reference[,lm_eval]}.{md,tex}.
 
 results    per task and method: the final test metric (the in-training evaluation with the shared greedy
-           sampler, eval/<metric>) as mean [95% bootstrap CI] over seeds in %, and its mean NFE; the base
-           row is the step-0 evaluation of the same runs; a method that decodes with its own sampler
-           (eval_own/*) gets a second row for it
+           sampler, eval/<metric>) as mean [95% bootstrap CI] over seeds in %, its mean NFE, and the reward
+           gained over the base on the same test items (items.csv: each item's final minus step-0 reward,
+           averaged over seeds; mean [95% bootstrap CI over items] in points); the base row is the step-0
+           evaluation of the same runs; a method that decodes with its own sampler (eval_own/*) gets a second
+           row for it
 compute    per task and method, means over seeds: forward passes (rollout + scoring + training), training
            time (sum of time/step), the job's wall time and peak memory (Snakemake benchmark; not its cpu_time,
            which Snakemake samples and stops updating after 30 s); the base row is the pretraining job
@@ -31,7 +33,17 @@ def cell(values, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
-def results_table(summary: pd.DataFrame, metric: str, algos: list[str], names: dict) -> pd.DataFrame:
+def gains(items: pd.DataFrame) -> pd.Series:
+    """Per test item (the runs of one task and method): the last evaluation's reward minus the first's (the
+    base's), averaged over seeds."""
+    steps = items.groupby("seed").step
+    first = items[items.step == steps.transform("min")].set_index(["seed", "item"]).reward
+    last = items[items.step == steps.transform("max")].set_index(["seed", "item"]).reward
+    return (last - first).groupby("item").mean()
+
+
+def results_table(summary: pd.DataFrame, metric: str, algos: list[str], names: dict,
+                  items: pd.DataFrame) -> pd.DataFrame:
     tasks = sorted(summary.task.unique())
     runs = summary[summary.algo != "base"]
     step0 = runs[runs.step == 0]
@@ -40,6 +52,7 @@ def results_table(summary: pd.DataFrame, metric: str, algos: list[str], names: d
         at0 = step0[step0.task == task]
         table[f"{task} {metric} %"] = [cell(at0[at0.metric == f"eval/{metric}"].value)]
         table[f"{task} NFE"] = [cell(at0[at0.metric == "eval/nfe"].value, 1.0)]
+        table[f"{task} reward gain, paired"] = ["–"]
     for algo in order(algos, runs.algo.unique()):
         for prefix, label in (("eval", name(algo, names)), ("eval_own", f"{name(algo, names)}, own decoding")):
             if prefix == "eval_own" and not (runs[runs.algo == algo].metric == f"eval_own/{metric}").any():
@@ -49,6 +62,9 @@ def results_table(summary: pd.DataFrame, metric: str, algos: list[str], names: d
                 for column, m, scale in ((f"{task} {metric} %", metric, 100.0), (f"{task} NFE", "nfe", 1.0)):
                     values = final(runs, f"{prefix}/{m}")
                     table[column].append(cell(values[(values.task == task) & (values.algo == algo)].value, scale))
+                paired = items[(items.task == task) & (items.algo == algo)]
+                table[f"{task} reward gain, paired"].append(
+                    cell(gains(paired)) if prefix == "eval" and not paired.empty else "–")
     return pd.DataFrame(table)
 
 
@@ -107,9 +123,10 @@ def write(table: pd.DataFrame, folder: Path, stem: str) -> None:
     (folder / f"{stem}.tex").write_text(table.to_latex(index=False, escape=True))
 
 
-def main(summary_path, reported_path, outputs: list[str], metric: str, algos: list[str], names: dict) -> None:
+def main(summary_path, items_path, reported_path, outputs: list[str], metric: str, algos: list[str],
+         names: dict) -> None:
     summary = load(summary_path)
-    tables = {"results": lambda: results_table(summary, metric, algos, names),
+    tables = {"results": lambda: results_table(summary, metric, algos, names, load(items_path)),
               "compute": lambda: compute_table(summary, algos, names),
               "reference": lambda: reference_table(reported_path),
               "lm_eval": lambda: lm_eval_table(summary, algos, names)}
@@ -119,5 +136,5 @@ def main(summary_path, reported_path, outputs: list[str], metric: str, algos: li
 
 if __name__ == "__main__" and "snakemake" in globals():
     sys.stderr = open(snakemake.log[0], "w")
-    main(snakemake.input.summary, snakemake.input.reported, list(snakemake.output), snakemake.params.metric,
-         list(snakemake.params.algos), dict(snakemake.params.names))
+    main(snakemake.input.summary, snakemake.input.test_items, snakemake.input.reported, list(snakemake.output),
+         snakemake.params.metric, list(snakemake.params.algos), dict(snakemake.params.names))
