@@ -87,7 +87,10 @@ class Config:
     ess_threshold: float = 0.7
     """target ESS of the adaptive c (yaml `ada_coeff_ess_threshold`; DMPO_config.py default 0.8)"""
     baseline: str = "negative_tilt"
-    """none | mean | negative_tilt | unbiased: b in w^ = w+ - s b (run_dmpo.sh: `advantage_centering_neg true`)"""
+    """none | mean | negative_tilt | unbiased: b in w^ = w+ - s b (run_dmpo.sh: `advantage_centering_neg true`).
+    Measured on the tiny arithmetic task at config/long.yaml's budget (2 seeds, 5,000 test items): the paired gain
+    over the base was +0.1 [-1.2, 1.4] points with negative_tilt, +0.1 [-0.9, 1.1] with none, +2.9 [1.9, 4.0] with
+    mean; with 64 prompts per step negative_tilt gained +2.6 [1.2, 4.0]"""
     centering_strength: float = 1.0
     """s in w^ = w+ - s b (run_dmpo.sh `--centering_strength 1.0`)"""
     num_replicates: int = 4
