@@ -282,13 +282,13 @@ class EvalConfig:
     """sampler for generation tasks (greedy); unset lengths come from each task, as in training"""
 
 
-def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sample=None,
+def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sample=None, items: bool = False,
           batch_size: int = 64) -> dict | None:
     """lm-eval, in this process, of a loaded model on a generated-answer task of benchmarks/ (the training loop's
-    test evaluation): {"reward", "accuracy", "nfe", "items"}, the means over the first `limit` test items of the
-    task's lm-eval metrics (its LM_EVAL_REWARD, see benchmarks/__init__.py) and of the forward passes per item,
-    and the reward of each item in test-split order (a paired comparison of two models). Greedy; `sample`
-    evaluates a method's own decoding.
+    test evaluation): {"reward", "accuracy", "nfe"}, the means over the first `limit` test items of the task's
+    lm-eval metrics (its LM_EVAL_REWARD, see benchmarks/__init__.py) and of the forward passes per item; with
+    `items`, also "items": the reward of each item in test-split order (a paired comparison of two models).
+    Greedy; `sample` evaluates a method's own decoding.
 
     lm-eval's lower-level `evaluate`, not `simple_evaluate`: that one reseeds the global RNGs (in the middle of a
     training run) and records the environment (`pip list`, git: about a second a call). lm-eval's log is kept to
@@ -303,7 +303,7 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
     lm_logger.setLevel(logging.ERROR)
     try:
         result = lm_eval.evaluator.evaluate(lm=lm, task_dict=_manager().load([task]), limit=limit, bootstrap_iters=0,
-                                            log_samples=True, apply_chat_template=True)
+                                            log_samples=items, apply_chat_template=True)
     finally:
         lm_logger.setLevel(level)
         model.train(was_training)
@@ -313,8 +313,11 @@ def score(model, tokenizer, task: str, limit: int, sampler: SamplerConfig, sampl
     scores, key = result["results"][task], getattr(benchmarks.get(task), "LM_EVAL_REWARD", "reward,none")
     reward, (metric, _, kept) = scores[key], key.partition(",")
     accuracy = scores.get("accuracy,none", reward)  # without an accuracy metric the reward is 0/1 (gsm8k)
-    items = sorted((s["doc_id"], float(s[metric])) for s in result["samples"][task] if s["filter"] == kept)
-    return {"reward": reward, "accuracy": accuracy, "nfe": sum(nfe) / len(nfe), "items": [r for _, r in items]}
+    out = {"reward": reward, "accuracy": accuracy, "nfe": sum(nfe) / len(nfe)}
+    if items:
+        rewards = sorted((s["doc_id"], float(s[metric])) for s in result["samples"][task] if s["filter"] == kept)
+        out["items"] = [r for _, r in rewards]
+    return out
 
 
 @functools.cache

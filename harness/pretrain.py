@@ -148,7 +148,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     scores = {name: score(model, tokenizer, name, cfg.eval_limit, SamplerConfig().resolve(task))
               for name, task in tasks.items()}
-    scores = {name: {k: v for k, v in values.items() if k != "items"} for name, values in scores.items()}
     report = {"config": asdict(cfg), "minutes": round(minutes, 2), "parameters": sum(p.numel() for p in model.parameters()),
               "test": scores}
     runs.save_model(model.eval(), tokenizer, Path(cfg.out))

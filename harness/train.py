@@ -410,16 +410,15 @@ def train(cfg: TrainConfig, algo_cfg=None) -> Path:
         the shared evaluation's reward per test item to test_items.jsonl."""
         counter.phase = "eval"
         with whole(engines):
-            scores = {"eval": score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg)}
+            scores = {"eval": score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, items=True)}
             if sample:  # the method's own decoding, next to the shared (comparable) evaluation
                 scores["eval_own"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eval_cfg, sample=sample)
             for gamma in cfg.eval_eb_gammas if frontier else ():
                 eb = dataclasses.replace(eval_cfg, decoding="eb", eb_gamma=float(gamma))
                 scores[f"eval_eb{float(gamma)}"] = score(model, tokenizer, cfg.task, cfg.eval_limit, eb)
         if main:
-            runs.append_metrics(run / "test_items.jsonl", {"step": step, "reward": scores["eval"]["items"]})
-        return {f"{prefix}/{k}": v for prefix, values in scores.items() for k, v in (values or {}).items()
-                if k != "items"}
+            runs.append_metrics(run / "test_items.jsonl", {"step": step, "reward": scores["eval"].pop("items")})
+        return {f"{prefix}/{k}": v for prefix, values in scores.items() for k, v in (values or {}).items()}
 
     def total(value: float) -> float:
         return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()
